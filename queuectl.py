@@ -1,0 +1,2321 @@
+#!/usr/bin/env python3
+"""queuectl: a background job queue in one file (Python 3.10+, stdlib only).
+
+    python3 queuectl.py enqueue -c 'make test' --priority 5
+    python3 queuectl.py worker start --count 4
+    python3 queuectl.py status
+
+Jobs are shell commands kept in one SQLite file (WAL mode), so nothing is lost
+when any process or the machine crashes.
+
+States
+    pending -> processing -> completed
+                          -> failed -> processing -> ... -> dead   (retries spent)
+    pending | failed | processing -> canceled                      (by the user,
+                                                  or a dependency ended badly)
+    End states: completed, dead, canceled.
+
+The claim
+    BEGIN IMMEDIATE; select the best due job through the jobs_due index
+    (priority desc, then creation order); mark it processing with attempts + 1,
+    a fresh lease token and lease_until = now + lease_timeout; COMMIT. No lock
+    is held while the command runs.
+
+Invariants
+    * Every state change is one transaction: after a crash each job is where
+      it was or where it went.
+    * A running job's lease is renewed by its worker. A job whose lease ran out
+      goes back to the retry rules, the lost run counted: at least once, so a
+      lost worker's job runs again.
+    * Results are written only while the lease token still matches (fencing):
+      a worker that lost its lease never overwrites the run that replaced it.
+    * An accepted enqueue is fsynced (synchronous=FULL) before its id is printed.
+
+Exit codes: 0 done, 1 could not be done, 2 bad input, 124 `wait` timed out.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sqlite3
+import sys
+import time
+from contextlib import contextmanager
+
+__version__ = "1.0.0"
+
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+STATES = ("pending", "processing", "completed", "failed", "dead", "canceled")
+END_STATES = ("completed", "dead", "canceled")
+RETRYABLE_STATES = ("dead", "canceled")
+CANCELABLE_STATES = ("pending", "failed", "processing")
+
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+QUEUE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+JOB_FIELDS = ("id", "command", "max_retries", "timeout", "priority", "queue",
+              "run_at", "delay", "env", "cwd", "depends_on")
+
+# Config keys: default, type, lowest value, whether the lowest is excluded, highest.
+CONFIG_RULES = {
+    "max_retries": (3, int, 0, False, 1000),
+    "backoff_base": (2, float, 0, False, None),
+    "backoff_max": (3600, float, 0, False, None),
+    "job_timeout": (3600, float, 0, False, None),
+    "lease_timeout": (30, float, 1, False, None),
+    "poll_interval": (0.5, float, 0, True, None),
+    "output_limit": (65536, int, 0, False, None),
+}
+
+# Linux refuses one exec argument longer than this (MAX_ARG_STRLEN less the NUL).
+MAX_COMMAND_BYTES = 128 * 1024 - 1
+KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this much later (timeout, cancel)
+ABORT_GRACE_S = 1.0  # the same on a forced shutdown (second signal)
+OUTPUT_GRACE_S = 0.2  # read output this long after the job's main process exited
+SUPERVISOR_TICK_S = 0.2  # how often the supervisor looks at its pool and the db
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class QueueError(Exception):
+    """The operation could not be done (exit 1); the message says what and why."""
+
+    exit_code = 1
+
+
+class UsageError(QueueError):
+    """The user's input is wrong: usage, JSON, a field, a config key (exit 2)."""
+
+    exit_code = 2
+
+
+class WaitTimeout(QueueError):
+    """`wait --timeout` ran out (exit 124)."""
+
+    exit_code = 124
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: clock, formatting, validation
+# ---------------------------------------------------------------------------
+
+def iso(ts):
+    """Epoch seconds as ISO-8601 UTC with milliseconds, or None."""
+    if ts is None:
+        return None
+    whole = math.floor(ts)
+    millis = min(int((ts - whole) * 1000), 999)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def plain_number(value):
+    """A float that is a whole number as an int, so JSON shows 2, not 2.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def seconds_text(seconds):
+    """A duration for people: '0.2 s', '2 s', '1.5 s'."""
+    return f"{plain_number(round(seconds, 3))} s"
+
+
+def one_line(text, width=80):
+    """Text squeezed onto one line of at most width characters, for logs and tables."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+_last_id_us = 0
+
+
+def new_job_id():
+    """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2."""
+    global _last_id_us
+    micros = max(time.time_ns() // 1000, _last_id_us + 1)  # strictly increasing here
+    _last_id_us = micros
+    seconds, micros_part = divmod(micros, 1_000_000)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds))
+    return f"{stamp}-{micros_part:06d}-{os.urandom(2).hex()}"
+
+
+def check_number(field, value, kind, low, low_excluded=False, high=None):
+    """Validate value as an int (kind=int) or a finite number in range; return it."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise UsageError(f"{field} must be a whole number, got {json.dumps(value)}")
+    if not is_number or not math.isfinite(value):
+        raise UsageError(f"{field} must be a number, got {json.dumps(value)}")
+    too_low = value <= low if low_excluded else value < low
+    if too_low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else (
+            f"greater than {low}" if low_excluded else f"at least {low}")
+        raise UsageError(f"{field} must be {bounds}, got {json.dumps(value)}")
+    return value
+
+
+def check_id(field, value):
+    """Validate a job id: 1-128 of A-Z a-z 0-9 . _ : @ -, starting alphanumeric."""
+    if not isinstance(value, str) or not JOB_ID_RE.fullmatch(value):
+        raise UsageError(
+            f"{field} must be 1-128 characters of A-Z a-z 0-9 . _ : @ - starting with a "
+            f"letter or digit, got {json.dumps(value)}")
+    return value
+
+
+def parse_time(field, value):
+    """ISO-8601 text (no offset: local time) or epoch seconds, as epoch seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return check_number(field, value, float, 0)
+    if not isinstance(value, str):
+        raise UsageError(f"{field} must be an ISO-8601 time or epoch seconds, got {json.dumps(value)}")
+    text = value.strip()
+    try:
+        return check_number(field, float(text), float, 0)
+    except ValueError:
+        pass
+    from datetime import datetime  # lazily: most commands never parse a time
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat() has no 'Z'
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"{field} must be an ISO-8601 time like 2026-11-22T09:30:00Z or epoch "
+                         f"seconds, got {json.dumps(value)}") from None
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """'90s', '15m', '12h', '7d' or plain seconds, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise UsageError(f"duration must look like 90s, 15m, 12h or 7d, got '{text}'")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_states(text, allowed=STATES):
+    """A comma-separated list of state names, each checked."""
+    states = [s.strip() for s in text.split(",") if s.strip()]
+    for state in states:
+        if state not in allowed:
+            raise UsageError(f"unknown state '{state}' (choose from {', '.join(allowed)})")
+    if not states:
+        raise UsageError("--state needs at least one state")
+    return states
+
+
+def pid_exists(pid):
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log(message):
+    """One stamped line on stderr, in one write so lines of workers never interleave."""
+    line = f"{iso(time.time())} {message}\n"
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass  # a closed stderr must not stop a worker
+
+
+# ---------------------------------------------------------------------------
+# Storage: connection, schema and migrations, transactions
+# ---------------------------------------------------------------------------
+
+SCHEMA_V1 = [
+    """
+    CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY,  -- creation order: FIFO within a priority
+        id           TEXT NOT NULL UNIQUE,
+        command      TEXT NOT NULL,
+        queue        TEXT NOT NULL,
+        priority     INTEGER NOT NULL,
+        max_retries  INTEGER NOT NULL,
+        timeout_s    REAL NOT NULL,        -- 0: no limit
+        delay_s      REAL NOT NULL,
+        env          TEXT NOT NULL,        -- JSON object
+        cwd          TEXT,
+        depends_on   TEXT NOT NULL,        -- JSON list, as given
+        deps_left    INTEGER NOT NULL,     -- dependencies not yet completed
+        state        TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        run_at       REAL NOT NULL,        -- not before this; the retry time once failed
+        worker_id    TEXT,
+        lease_token  TEXT,
+        lease_until  REAL,
+        exit_code    INTEGER,
+        last_error   TEXT,
+        stdout       TEXT NOT NULL DEFAULT '',
+        stdout_cut   INTEGER NOT NULL DEFAULT 0,  -- bytes dropped before the kept tail
+        stderr       TEXT NOT NULL DEFAULT '',
+        stderr_cut   INTEGER NOT NULL DEFAULT 0,
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL,
+        started_at   REAL,
+        finished_at  REAL
+    )
+    """,
+    # The claim's index: its columns follow the claim's ORDER BY, and it holds
+    # only runnable jobs, so finished jobs never slow the claim down.
+    """
+    CREATE INDEX jobs_due ON jobs (priority DESC, seq, run_at, queue)
+    WHERE state IN ('pending', 'failed') AND deps_left = 0
+    """,
+    "CREATE INDEX jobs_by_state ON jobs (state, seq)",
+    "CREATE INDEX jobs_leased ON jobs (lease_until) WHERE state = 'processing'",
+    """
+    CREATE TABLE deps (
+        depends_on  TEXT NOT NULL,
+        job_id      TEXT NOT NULL,
+        PRIMARY KEY (depends_on, job_id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    """
+    CREATE TABLE workers (
+        id              TEXT PRIMARY KEY,   -- unique per process start
+        kind            TEXT NOT NULL,      -- 'supervisor' or 'worker'
+        supervisor_id   TEXT,
+        host            TEXT NOT NULL,
+        pid             INTEGER NOT NULL,
+        queues          TEXT NOT NULL,      -- JSON list; empty: all
+        started_at      REAL NOT NULL,
+        heartbeat_at    REAL NOT NULL,
+        wake_addr       TEXT,               -- abstract unix socket that wakes it (Linux)
+        stop_requested  INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID
+    """,
+]
+
+# MIGRATIONS[v] brings a database at version v - 1 to version v. A release that
+# changes the schema appends a step; user_version says which steps are done.
+MIGRATIONS = {1: SCHEMA_V1}
+SCHEMA_VERSION = max(MIGRATIONS)
+OUR_TABLES = {"jobs", "deps", "config", "workers"}
+
+
+def busy_timeout_s():
+    """How long to wait for another process's write lock ($QUEUECTL_BUSY_TIMEOUT)."""
+    try:
+        return max(float(os.environ.get("QUEUECTL_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT_S)), 0.0)
+    except ValueError:
+        return DEFAULT_BUSY_TIMEOUT_S
+
+
+def resolve_db_path(arg):
+    """--db, else $QUEUECTL_DB, else ./queuectl.db."""
+    return arg or os.environ.get("QUEUECTL_DB") or "queuectl.db"
+
+
+def prepare_db_file(path):
+    """Refuse paths that cannot hold a database; create a missing file owner-only."""
+    if os.path.isdir(path):
+        raise QueueError(f"cannot use database '{path}': it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise QueueError(f"cannot create database '{path}': directory '{parent}' does not exist")
+    try:
+        # 0600 from the start: the jobs it holds run as shell commands. SQLite
+        # gives the -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise QueueError(f"cannot create database '{path}': {e.strerror}") from None
+
+
+def connect(path, durable=True):
+    """Open the queue database at path (created and migrated as needed).
+
+    durable=True fsyncs every commit (synchronous=FULL): what a command reports
+    done survives power loss. Workers pass False (NORMAL): a power cut may undo
+    their last claims and results, which then run again (at least once).
+    """
+    prepare_db_file(path)
+    conn = sqlite3.connect(path, timeout=busy_timeout_s(), isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.row_factory = sqlite3.Row
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn):
+    """Bring the schema to SCHEMA_VERSION in one transaction; refuse newer ones."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise QueueError(f"the database has schema version {version}, newer than this queuectl "
+                         f"{__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
+    with immediate(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another may have won
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and tables - OUR_TABLES:
+            raise QueueError(f"not a queuectl database: it has other tables ({', '.join(sorted(tables))})")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+@contextmanager
+def immediate(conn):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: one change, all or nothing.
+
+    IMMEDIATE takes the write lock up front, so two claimers queue on the busy
+    timeout instead of both reading the same job and one failing to upgrade.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+            conn.execute("ROLLBACK")
+        raise
+
+
+def is_busy(error):
+    """Whether a sqlite3 error is a lock held by another process."""
+    text = str(error)
+    return "locked" in text or "busy" in text
+
+
+def retry_busy(operation, *args):
+    """operation(*args), retrying 'database is locked' with backoff for up to the busy timeout.
+
+    sqlite's own busy handler already waits; this also covers the SQLITE_BUSY
+    it returns at once (e.g. while a checkpoint or a WAL recovery runs), so a
+    heartbeat, a claim or a finish never fails on a momentary lock.
+    """
+    delay_s = 0.001
+    give_up_at = time.monotonic() + busy_timeout_s()
+    while True:
+        try:
+            return operation(*args)
+        except sqlite3.OperationalError as e:
+            if not is_busy(e) or time.monotonic() >= give_up_at:
+                raise
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.25)
+
+
+def describe_db_error(error, path):
+    """A sqlite3 error as one line that names the database and what to do."""
+    text = str(error)
+    if is_busy(error):
+        return (f"database '{path}' is locked: another process held its write lock for more "
+                f"than {seconds_text(busy_timeout_s())} ({text})")
+    if "readonly" in text:
+        return f"database '{path}' is read-only ({text}); check the file's and its directory's permissions"
+    if "full" in text:
+        return f"database '{path}': the disk is full or the file is too large ({text}); nothing was changed"
+    if "not a database" in text:
+        return f"'{path}' is not a SQLite database ({text})"
+    if "malformed" in text or "corrupt" in text:
+        return f"database '{path}' is corrupt ({text}); restore it from a backup"
+    if "unable to open" in text:
+        return f"cannot open database '{path}' ({text}); check its directory exists and is writable"
+    return f"database '{path}': {text}"
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+def load_config(conn):
+    """Every config key with its value: the stored one, else the default."""
+    config = {key: rule[0] for key, rule in CONFIG_RULES.items()}
+    for row in conn.execute("SELECT key, value FROM config"):
+        if row["key"] in config:
+            config[row["key"]] = json.loads(row["value"])
+    return config
+
+
+def check_config_key(key):
+    """Refuse an unknown config key, listing the known ones."""
+    if key not in CONFIG_RULES:
+        raise UsageError(f"unknown config key '{key}' (known: {', '.join(CONFIG_RULES)})")
+
+
+def parse_config_value(key, text):
+    """The value for key parsed from text and checked against its rule."""
+    check_config_key(key)
+    _, kind, low, low_excluded, high = CONFIG_RULES[key]
+    try:
+        value = int(text) if kind is int else float(text)
+    except ValueError:
+        kind_name = "a whole number" if kind is int else "a number"
+        raise UsageError(f"config {key} must be {kind_name}, got '{text}'") from None
+    return plain_number(check_number(f"config {key}", value, kind, low, low_excluded, high))
+
+
+def set_config(conn, key, value):
+    """Store one config value (already checked)."""
+    with immediate(conn):
+        conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+
+# ---------------------------------------------------------------------------
+# Queue operations: enqueue
+# ---------------------------------------------------------------------------
+
+INSERT_JOB_SQL = """
+INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, cwd,
+                  depends_on, deps_left, state, run_at, last_error,
+                  created_at, updated_at, finished_at)
+VALUES (:id, :command, :queue, :priority, :max_retries, :timeout_s, :delay_s, :env, :cwd,
+        :depends_on, :deps_left, :state, :run_at, :last_error,
+        :created_at, :updated_at, :finished_at)
+"""
+
+
+def check_command(value):
+    """A command: non-empty text that exec can pass to /bin/sh."""
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"command must be a non-empty string, got {json.dumps(value)}")
+    if "\0" in value:
+        raise UsageError("command must not contain a NUL byte")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_COMMAND_BYTES:
+        raise UsageError(f"command is {size} bytes; the limit is {MAX_COMMAND_BYTES} "
+                         "(one exec argument); put a long script in a file and run that")
+    return value
+
+
+def check_env(value):
+    """env: an object of string to string, each usable in an environment."""
+    if not isinstance(value, dict):
+        raise UsageError(f"env must be an object of string values, got {json.dumps(value)}")
+    for name, text in value.items():
+        if not name or "=" in name or "\0" in name:
+            raise UsageError(f"env has a bad variable name {json.dumps(name)}")
+        if not isinstance(text, str) or "\0" in text:
+            raise UsageError(f"env {name} must be a string without NUL bytes")
+    return value
+
+
+def check_depends_on(value):
+    """depends_on: a list of job ids, duplicates dropped."""
+    if not isinstance(value, list):
+        raise UsageError(f"depends_on must be a list of job ids, got {json.dumps(value)}")
+    return list(dict.fromkeys(check_id("depends_on", dep) for dep in value))
+
+
+def job_row(spec, config, now):
+    """A job object (contract section 2) checked and turned into a row to insert."""
+    if not isinstance(spec, dict):
+        raise UsageError(f"a job must be a JSON object, got {type(spec).__name__} {one_line(json.dumps(spec), 40)}")
+    unknown = [field for field in spec if field not in JOB_FIELDS]
+    if unknown:
+        raise UsageError(f"unknown field '{unknown[0]}' (known: {', '.join(JOB_FIELDS)})")
+    if "command" not in spec:
+        raise UsageError("command is required")
+    if "run_at" in spec and "delay" in spec:
+        raise UsageError("give run_at or delay, not both")
+    cwd = spec.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+        raise UsageError(f"cwd must be a directory path, got {json.dumps(cwd)}")
+    delay_s = check_number("delay", spec.get("delay", 0), float, 0)
+    run_at = parse_time("run_at", spec["run_at"]) if "run_at" in spec else now + delay_s
+    job_id = check_id("id", spec["id"]) if "id" in spec else new_job_id()
+    queue = spec.get("queue", "default")
+    if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
+        raise UsageError(f"queue must be 1-64 characters of A-Z a-z 0-9 . _ -, got {json.dumps(queue)}")
+    return {
+        "id": job_id,
+        "command": check_command(spec["command"]),
+        "queue": queue,
+        "priority": check_number("priority", spec.get("priority", 0), int, -1000, high=1000),
+        "max_retries": check_number("max_retries", spec.get("max_retries", config["max_retries"]),
+                                    int, 0, high=1000),
+        "timeout_s": check_number("timeout", spec.get("timeout", config["job_timeout"]), float, 0),
+        "delay_s": delay_s,
+        "env": json.dumps(check_env(spec.get("env", {}))),
+        "cwd": cwd,
+        "depends_on": check_depends_on(spec.get("depends_on", [])),
+        "deps_left": 0, "state": "pending", "run_at": run_at, "last_error": None,
+        "created_at": now, "updated_at": now, "finished_at": None,
+    }
+
+
+def link_dependencies(conn, rows, line_of):
+    """Count each row's unmet dependencies; cancel a row whose dependency ended badly.
+
+    A dependency must already exist or come earlier in the same batch, which
+    also makes cycles impossible.
+    """
+    earlier = {}
+    for row in rows:
+        for dep in row["depends_on"]:
+            if dep == row["id"]:
+                raise UsageError(f"{line_of(row)}depends_on: job '{dep}' cannot depend on itself")
+            state = earlier[dep]["state"] if dep in earlier else job_state(conn, dep)
+            if state is None:
+                raise QueueError(f"{line_of(row)}depends_on: job '{dep}' not found")
+            if state in ("dead", "canceled") and row["state"] != "canceled":
+                row.update(state="canceled", finished_at=row["created_at"],
+                           last_error=f"canceled: dependency '{dep}' is {state}")
+            elif state != "completed":
+                row["deps_left"] += 1
+        earlier[row["id"]] = row
+
+
+def job_state(conn, job_id):
+    """The state of one job, or None if there is no such job."""
+    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row else None
+
+
+def enqueue_rows(conn, rows, if_absent=False, lines=None):
+    """Insert checked job rows in one transaction: all of them or none. Return the new ids.
+
+    A duplicate id (in the batch or in the database) fails the whole batch,
+    unless if_absent, which skips the jobs whose id exists.
+    """
+    line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
+    with immediate(conn):
+        rows = drop_duplicates(conn, rows, if_absent, line_of)
+        link_dependencies(conn, rows, line_of)
+        try:
+            conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
+                                              for row in rows])
+        except sqlite3.IntegrityError:
+            clash = next(r for r in rows if job_state(conn, r["id"]) is not None)
+            raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
+                             "(--if-absent skips existing ids)") from None
+        conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
+                         [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
+    return [row["id"] for row in rows]
+
+
+def drop_duplicates(conn, rows, if_absent, line_of):
+    """Rows whose id is new; a repeated id is an error unless if_absent skips it."""
+    seen = set()
+    kept = []
+    for row in rows:
+        clash = row["id"] in seen or (if_absent and job_state(conn, row["id"]) is not None)
+        if clash and not if_absent:
+            raise QueueError(f"{line_of(row)}job id '{row['id']}' appears twice in the input")
+        if not clash:
+            kept.append(row)
+        seen.add(row["id"])
+    return kept
+
+
+# ---------------------------------------------------------------------------
+# Queue operations: claim, finish, retry rules
+# ---------------------------------------------------------------------------
+
+CLAIM_SELECT_SQL = """
+SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries
+FROM jobs
+WHERE state IN ('pending', 'failed')
+  AND deps_left = 0
+  AND run_at <= :now
+  {queue_filter}
+ORDER BY priority DESC, seq
+LIMIT 1
+"""
+
+CLAIM_UPDATE_SQL = """
+UPDATE jobs
+SET state = 'processing',
+    attempts = attempts + 1,
+    worker_id = :worker_id,
+    lease_token = :lease_token,
+    lease_until = :lease_until,
+    started_at = :now,
+    updated_at = :now
+WHERE seq = :seq
+  AND state IN ('pending', 'failed')
+"""
+
+# Used for every end of a run. The lease token fences it: a worker that lost
+# its lease (paused, resumed late) matches no row and changes nothing.
+RECORD_RUN_SQL = """
+UPDATE jobs
+SET state = :state,
+    exit_code = :exit_code,
+    last_error = :last_error,
+    stdout = :stdout,
+    stdout_cut = :stdout_cut,
+    stderr = :stderr,
+    stderr_cut = :stderr_cut,
+    run_at = :run_at,
+    finished_at = :now,
+    updated_at = :now,
+    worker_id = NULL,
+    lease_token = NULL,
+    lease_until = NULL
+WHERE seq = :seq
+  AND state = 'processing'
+  AND lease_token = :lease_token
+"""
+
+RELEASE_DEPENDENTS_SQL = """
+UPDATE jobs
+SET deps_left = deps_left - 1,
+    updated_at = :now
+WHERE id IN (SELECT job_id FROM deps WHERE depends_on = :id)
+  AND state IN ('pending', 'failed')
+"""
+
+CANCEL_DEPENDENTS_SQL = """
+WITH RECURSIVE doomed(id) AS (
+    SELECT job_id FROM deps WHERE depends_on = :id
+    UNION
+    SELECT deps.job_id FROM deps JOIN doomed ON deps.depends_on = doomed.id
+)
+UPDATE jobs
+SET state = 'canceled',
+    last_error = :reason,
+    finished_at = :now,
+    updated_at = :now
+WHERE id IN doomed
+  AND state IN ('pending', 'failed')
+"""
+
+
+def claim_sql(queues):
+    """The claim's SELECT, limited to queues (all when empty), with its parameters."""
+    names = {f"q{i}": queue for i, queue in enumerate(queues)}
+    queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
+    return CLAIM_SELECT_SQL.format(queue_filter=queue_filter), names
+
+
+def claim(conn, worker_id, claim_query, lease_s, now=None):
+    """Take the best due job: highest priority, then oldest. Return it, or None.
+
+    One BEGIN IMMEDIATE transaction: select the next due job through the
+    jobs_due index, then mark it processing, guarded by its state. The job
+    gets a new lease token; only that token can record its result.
+    """
+    sql, params = claim_query
+    now = time.time() if now is None else now
+    with immediate(conn):
+        job = conn.execute(sql, {"now": now, **params}).fetchone()
+        if job is None:
+            return None
+        token = os.urandom(8).hex()
+        conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
+                                        "lease_until": now + lease_s, "now": now})
+    return dict(job, attempts=job["attempts"] + 1, lease_token=token)
+
+
+def backoff_s(attempts, config):
+    """Seconds before the next run: min(backoff_base ** attempts, backoff_max)."""
+    try:
+        delay_s = float(config["backoff_base"]) ** attempts
+    except OverflowError:
+        delay_s = math.inf
+    return min(delay_s, float(config["backoff_max"]))
+
+
+def state_after_failure(attempts, max_retries, config, now):
+    """(state, run_at) after a failed run: failed with a backoff, or dead when retries are spent."""
+    if attempts <= max_retries:
+        return "failed", now + backoff_s(attempts, config)
+    return "dead", now
+
+
+def record_run(conn, job, result, config, now=None):
+    """Record the end of one run of a claimed job, fenced by its lease token.
+
+    Returns the job's new state, or None when the lease was lost (the job was
+    canceled, or reclaimed after its lease ran out) and nothing was written.
+    Completion releases the job's dependents; death cancels them.
+    """
+    now = time.time() if now is None else now
+    with immediate(conn):
+        return write_run(conn, job, result, config, now)
+
+
+def write_run(conn, job, result, config, now):
+    """record_run's writes, inside a transaction the caller holds."""
+    if result.is_success:
+        state, run_at = "completed", now
+    else:
+        state, run_at = state_after_failure(job["attempts"], job["max_retries"], config, now)
+    written = conn.execute(RECORD_RUN_SQL, {
+        "seq": job["seq"], "lease_token": job["lease_token"], "state": state,
+        "exit_code": result.exit_code, "last_error": result.error,
+        "stdout": result.stdout, "stdout_cut": result.stdout_cut,
+        "stderr": result.stderr, "stderr_cut": result.stderr_cut,
+        "run_at": run_at, "now": now}).rowcount
+    if not written:
+        return None
+    settle_dependents(conn, job["id"], state, now)
+    return state
+
+
+def settle_dependents(conn, job_id, state, now):
+    """After job_id reached state: release its dependents, or cancel them all the way down."""
+    if state == "completed":
+        conn.execute(RELEASE_DEPENDENTS_SQL, {"id": job_id, "now": now})
+    elif state in ("dead", "canceled"):
+        conn.execute(CANCEL_DEPENDENTS_SQL,
+                     {"id": job_id, "now": now, "reason": f"canceled: dependency '{job_id}' is {state}"})
+
+
+class RunResult:
+    """How one run ended: exit code (None if it never exited), error line, output tails."""
+
+    def __init__(self, exit_code=None, error=None, stdout="", stderr="", stdout_cut=0, stderr_cut=0,
+                 stop_reason=None, duration_s=0.0):
+        self.exit_code = exit_code
+        self.error = error
+        self.stdout, self.stderr = stdout, stderr
+        self.stdout_cut, self.stderr_cut = stdout_cut, stderr_cut
+        self.stop_reason = stop_reason
+        self.duration_s = duration_s
+
+    @property
+    def is_success(self):
+        """Exit status 0 and not stopped by queuectl."""
+        return self.exit_code == 0 and self.error is None
+
+
+def fail_lost_jobs(conn, where_sql, params, reason, now=None):
+    """Return processing jobs whose worker is gone to the retry rules, the lost run counted.
+
+    where_sql selects the jobs (expired leases, or one dead worker's). Returns
+    [(id, new_state)].
+    """
+    now = time.time() if now is None else now
+    config = load_config(conn)
+    settled = []
+    with immediate(conn):
+        for job in conn.execute(f"SELECT * FROM jobs WHERE state = 'processing' AND {where_sql}",
+                                params).fetchall():
+            job = dict(job)
+            result = RunResult(error=reason, stdout=job["stdout"], stderr=job["stderr"],
+                               stdout_cut=job["stdout_cut"], stderr_cut=job["stderr_cut"])
+            state = write_run(conn, job, result, config, now)
+            settled.append((job["id"], state))
+    return settled
+
+
+def reap_expired_leases(conn, now=None):
+    """Fail every processing job whose lease ran out: its worker stopped renewing it.
+
+    Cheap when there is nothing to do (one read of a small index), so any
+    command may call it; this is how a job comes back even with no worker alive.
+    """
+    now = time.time() if now is None else now
+    if conn.execute("SELECT 1 FROM jobs WHERE state = 'processing' AND lease_until < ? LIMIT 1",
+                    (now,)).fetchone() is None:
+        return []
+    return fail_lost_jobs(conn, "lease_until < :now", {"now": now},
+                          "worker lost: its lease ran out with no heartbeat", now)
+
+
+def return_job_uncounted(conn, job, reason, now=None):
+    """Put an interrupted job back to pending without counting the run (forced shutdown)."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        return conn.execute("""
+            UPDATE jobs
+            SET state = 'pending', attempts = attempts - 1, last_error = :reason,
+                worker_id = NULL, lease_token = NULL, lease_until = NULL, updated_at = :now
+            WHERE seq = :seq
+              AND state = 'processing'
+              AND lease_token = :lease_token
+            """, {"seq": job["seq"], "lease_token": job["lease_token"], "reason": reason,
+                  "now": now}).rowcount == 1
+
+
+def renew_lease(conn, job, lease_s, now=None):
+    """Extend a running job's lease; False if it is no longer ours (canceled or reclaimed)."""
+    now = time.time() if now is None else now
+    return conn.execute("""
+        UPDATE jobs
+        SET lease_until = :lease_until
+        WHERE seq = :seq
+          AND state = 'processing'
+          AND lease_token = :lease_token
+        """, {"seq": job["seq"], "lease_token": job["lease_token"],
+              "lease_until": now + lease_s}).rowcount == 1
+
+
+def still_ours(conn, job):
+    """Whether the claimed job is still processing under our lease token."""
+    row = conn.execute("SELECT state, lease_token FROM jobs WHERE seq = ?", (job["seq"],)).fetchone()
+    return row is not None and row["state"] == "processing" and row["lease_token"] == job["lease_token"]
+
+
+# ---------------------------------------------------------------------------
+# Queue operations: cancel, retry, purge, reading
+# ---------------------------------------------------------------------------
+
+def fetch_jobs(conn, ids):
+    """The rows of the named jobs, in the order named; an unknown id is an error."""
+    jobs = []
+    for job_id in dict.fromkeys(ids):
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise QueueError(f"job '{job_id}' not found")
+        jobs.append(row)
+    return jobs
+
+
+def cancel_jobs(conn, ids, now=None):
+    """Cancel pending, failed or processing jobs (and their dependents). All or none.
+
+    A processing job is marked canceled here; its worker sees that within
+    poll_interval and ends the job's process group (SIGTERM, then SIGKILL).
+    Returns the canceled rows as they were before.
+    """
+    now = time.time() if now is None else now
+    with immediate(conn):
+        jobs = fetch_jobs(conn, ids)
+        for job in jobs:
+            if job["state"] not in CANCELABLE_STATES:
+                raise QueueError(f"job '{job['id']}' is {job['state']}; only pending, failed or "
+                                 "processing jobs can be canceled")
+        for job in jobs:
+            conn.execute("""
+                UPDATE jobs
+                SET state = 'canceled', last_error = 'canceled by the user',
+                    lease_token = NULL, lease_until = NULL, finished_at = :now, updated_at = :now
+                WHERE seq = :seq
+                """, {"seq": job["seq"], "now": now})
+            settle_dependents(conn, job["id"], "canceled", now)
+    return jobs
+
+
+def retry_jobs(conn, ids=None, now=None):
+    """Put dead or canceled jobs back to pending with attempts 0 (ids=None: every dead job).
+
+    A job whose dependency is dead or canceled is refused: retry that one first.
+    Returns the ids retried.
+    """
+    now = time.time() if now is None else now
+    with immediate(conn):
+        if ids is None:
+            jobs = conn.execute("SELECT * FROM jobs WHERE state = 'dead' ORDER BY seq").fetchall()
+        else:
+            jobs = fetch_jobs(conn, ids)
+        for job in jobs:
+            if job["state"] not in RETRYABLE_STATES:
+                raise QueueError(f"job '{job['id']}' is {job['state']}; only dead or canceled jobs can be retried")
+            conn.execute("""
+                UPDATE jobs
+                SET state = 'pending', attempts = 0, deps_left = :deps_left,
+                    run_at = :now, finished_at = NULL, updated_at = :now
+                WHERE seq = :seq
+                """, {"seq": job["seq"], "deps_left": unmet_dependencies(conn, job), "now": now})
+    return [job["id"] for job in jobs]
+
+
+def unmet_dependencies(conn, job):
+    """How many of the job's dependencies are not completed; refuse dead or canceled ones.
+
+    A dependency that was purged counts as met: only an ended job can be purged.
+    """
+    unmet = 0
+    for dep in json.loads(job["depends_on"]):
+        state = job_state(conn, dep)
+        if state in ("dead", "canceled"):
+            raise QueueError(f"job '{job['id']}' depends on '{dep}', which is {state}; retry '{dep}' first")
+        if state not in (None, "completed"):
+            unmet += 1
+    return unmet
+
+
+def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
+    """Delete jobs in the given end states, finished before now - older_than_s. Return how many."""
+    now = time.time() if now is None else now
+    for state in states:
+        if state not in END_STATES:
+            raise UsageError(f"purge deletes only jobs in end states ({', '.join(END_STATES)}), not '{state}'")
+    marks = ", ".join("?" for _ in states)
+    where = f"state IN ({marks}) AND coalesce(finished_at, updated_at) < ?"
+    params = [*states, now - older_than_s if older_than_s is not None else math.inf]
+    with immediate(conn):
+        conn.execute(f"DELETE FROM deps WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params)
+        return conn.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
+
+
+def count_by_state(conn):
+    """{state: count} for every state, zeros included."""
+    counts = dict.fromkeys(STATES, 0)
+    for row in conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+def oldest_runnable_age_s(conn, now=None):
+    """Seconds the longest-waiting due job has been runnable, or None."""
+    now = time.time() if now is None else now
+    oldest = conn.execute("""
+        SELECT min(run_at) FROM jobs
+        WHERE state IN ('pending', 'failed')
+          AND deps_left = 0
+          AND run_at <= ?
+        """, (now,)).fetchone()[0]
+    return None if oldest is None else round(now - oldest, 3)
+
+
+def list_jobs(conn, states=None, queue=None, limit=100):
+    """Jobs newest first, optionally filtered by states and queue; limit 0: all."""
+    where, params = [], []
+    if states:
+        where.append(f"state IN ({', '.join('?' for _ in states)})")
+        params.extend(states)
+    if queue:
+        where.append("queue = ?")
+        params.append(queue)
+    sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY seq DESC" + (" LIMIT ?" if limit else "")
+    return conn.execute(sql, params + ([limit] if limit else [])).fetchall()
+
+
+def get_job(conn, job_id):
+    """One job's row; an unknown id is an error."""
+    return fetch_jobs(conn, [job_id])[0]
+
+
+def cut_marker(cut_bytes):
+    """The line that starts a kept output tail whose beginning was cut."""
+    return f"[queuectl: {cut_bytes} earlier bytes cut]\n"
+
+
+def job_json(row):
+    """A job row as the contract's JSON object."""
+    return {
+        "id": row["id"], "command": row["command"], "max_retries": row["max_retries"],
+        "timeout": plain_number(row["timeout_s"]), "priority": row["priority"],
+        "queue": row["queue"], "run_at": iso(row["run_at"]), "delay": plain_number(row["delay_s"]),
+        "env": json.loads(row["env"]), "cwd": row["cwd"], "depends_on": json.loads(row["depends_on"]),
+        "state": row["state"], "attempts": row["attempts"], "exit_code": row["exit_code"],
+        "last_error": row["last_error"],
+        "stdout": (cut_marker(row["stdout_cut"]) if row["stdout_cut"] else "") + row["stdout"],
+        "stderr": (cut_marker(row["stderr_cut"]) if row["stderr_cut"] else "") + row["stderr"],
+        "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"]),
+        "started_at": iso(row["started_at"]), "finished_at": iso(row["finished_at"]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Worker registry and wake-ups
+# ---------------------------------------------------------------------------
+
+HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
+
+
+def register_process(conn, proc_id, kind, supervisor_id, queues, wake_addr=None, now=None):
+    """Add this process to the registry that `worker list` and `worker stop` read."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        conn.execute("""
+            INSERT OR REPLACE INTO workers (id, kind, supervisor_id, host, pid, queues,
+                                            started_at, heartbeat_at, wake_addr)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, (proc_id, kind, supervisor_id, HOST, os.getpid(), json.dumps(list(queues)),
+                  now, now, wake_addr))
+
+
+def heartbeat(conn, proc_id, now=None):
+    """Say this process is alive; return whether a stop was requested for it."""
+    now = time.time() if now is None else now
+    conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, proc_id))
+    row = conn.execute("SELECT stop_requested FROM workers WHERE id = ?", (proc_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def unregister_process(conn, proc_id):
+    """Remove a process from the registry."""
+    conn.execute("DELETE FROM workers WHERE id = ?", (proc_id,))
+
+
+def is_alive(row, lease_s, now):
+    """A registry row whose process still beats (and exists, when it is on this host)."""
+    if row["heartbeat_at"] < now - lease_s:
+        return False
+    return row["host"] != HOST or pid_exists(row["pid"])
+
+
+def live_processes(conn, now=None):
+    """The registry's live supervisors and workers, each with its current job.
+
+    Rows of processes that are gone are deleted on the way, so they are never
+    shown as alive.
+    """
+    now = time.time() if now is None else now
+    lease_s = load_config(conn)["lease_timeout"]
+    rows = conn.execute("SELECT * FROM workers ORDER BY started_at, id").fetchall()
+    dead = [row["id"] for row in rows if not is_alive(row, lease_s, now)]
+    if dead:
+        with immediate(conn):
+            conn.executemany("DELETE FROM workers WHERE id = ?", [(d,) for d in dead])
+    current = {r["worker_id"]: r["id"] for r in
+               conn.execute("SELECT id, worker_id FROM jobs WHERE state = 'processing'")}
+    return [process_json(row, current.get(row["id"])) for row in rows if row["id"] not in dead]
+
+
+def process_json(row, current_job):
+    """A registry row as the JSON object `worker list` prints."""
+    return {
+        "id": row["id"], "kind": row["kind"], "pid": row["pid"], "host": row["host"],
+        "supervisor_id": row["supervisor_id"], "queues": json.loads(row["queues"]),
+        "started_at": iso(row["started_at"]), "heartbeat_at": iso(row["heartbeat_at"]),
+        "current_job": current_job,
+    }
+
+
+def wake_workers(conn):
+    """Nudge idle workers so a new job starts now, not at their next poll (Linux only).
+
+    Each worker listens on an abstract unix datagram socket; a lost or refused
+    nudge is harmless, since every worker still polls every poll_interval.
+    """
+    addresses = [r[0] for r in conn.execute("SELECT wake_addr FROM workers WHERE wake_addr IS NOT NULL")]
+    if not addresses:
+        return
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for address in addresses:
+            try:
+                sock.sendto(b"!", "\0" + address)
+            except OSError:
+                pass  # gone, or its buffer is full: it is awake anyway
+
+
+# ---------------------------------------------------------------------------
+# Execution: one command, its timeout, and the tail of its output
+# ---------------------------------------------------------------------------
+
+class OutputTail:
+    """The last `limit` bytes of a stream, and how many bytes before them were dropped."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.data = bytearray()
+        self.cut = 0
+
+    def add(self, chunk):
+        """Keep chunk, dropping the oldest bytes beyond the limit: memory stays bounded."""
+        self.data += chunk
+        excess = len(self.data) - self.limit
+        if excess > 0:
+            del self.data[:excess]
+            self.cut += excess
+
+    def text(self):
+        """The kept bytes as text, bad UTF-8 replaced."""
+        return self.data.decode("utf-8", "replace")
+
+
+def signal_name(number):
+    """SIGKILL for 9, or the number when it has no name."""
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_error(returncode):
+    """The last_error line for a finished process, or None for exit status 0."""
+    if returncode < 0:
+        return f"killed by signal {signal_name(-returncode)}"
+    hints = {126: " (command not executable)", 127: " (command not found)"}
+    return f"exit status {returncode}{hints.get(returncode, '')}" if returncode else None
+
+
+def kill_group(pgid, signum):
+    """Signal a whole process group; a group that is already gone is fine."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class CommandRun:
+    """One run of a shell command: /bin/sh -c in its own session, output read as it comes.
+
+    The job's stdout and stderr are read while it runs and only their last
+    output_limit bytes are kept, so a job printing gigabytes costs no memory.
+    """
+
+    def __init__(self, command, env, cwd, timeout_s, output_limit):
+        self.command, self.env, self.cwd = command, env, cwd
+        self.timeout_s = timeout_s
+        self.stdout, self.stderr = OutputTail(output_limit), OutputTail(output_limit)
+        self.proc = None
+        self.stop_reason = None
+        self.kill_at = math.inf
+
+    def start(self):
+        """Spawn the command; return an error line if it could not start, else None."""
+        import subprocess
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            return f"cannot start: cwd '{self.cwd}' is not a directory"
+        try:
+            # A session of its own: the job is its own process group, so a
+            # terminal's Ctrl-C never reaches it and killpg() ends all of it.
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", self.command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, start_new_session=True)
+        except OSError as e:
+            return f"cannot start: {e.strerror or e}"
+        self.started_at = time.monotonic()
+        return None
+
+    def stop(self, reason, grace_s):
+        """Ask the job's process group to end (SIGTERM); SIGKILL follows after grace_s."""
+        import signal
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            kill_group(self.proc.pid, signal.SIGTERM)
+            self.kill_at = time.monotonic() + grace_s
+
+    def wait(self, tick_s, on_tick, wake_fds=()):
+        """Read output until the command exits; return its RunResult.
+
+        on_tick() runs every tick_s seconds, and at once when a wake fd is
+        readable; it may call stop(). The timeout stops the job the same way.
+        """
+        import selectors
+        import signal
+        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
+        selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
+        for fd in wake_fds:
+            selector.register(fd, selectors.EVENT_READ, "wake")
+        pidfd = open_pidfd(self.proc.pid)
+        if pidfd is not None:  # readable when the process exits: no polling needed
+            selector.register(pidfd, selectors.EVENT_READ, "exit")
+        deadline = self.started_at + self.timeout_s if self.timeout_s else math.inf
+        next_tick = self.started_at + tick_s
+        exited_at = None
+        open_streams = 2
+        try:
+            while True:
+                now = time.monotonic()
+                if exited_at is None and self.proc.poll() is not None:
+                    exited_at = now
+                    if self.stop_reason is not None:  # stragglers of a stopped job go too
+                        kill_group(self.proc.pid, signal.SIGKILL)
+                if exited_at is not None and (open_streams == 0 or now >= exited_at + OUTPUT_GRACE_S):
+                    break  # a background child may hold the pipes open: don't wait for it
+                if now >= deadline:
+                    self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
+                    deadline = math.inf
+                if now >= self.kill_at:
+                    kill_group(self.proc.pid, signal.SIGKILL)
+                    self.kill_at = math.inf
+                if now >= next_tick:
+                    on_tick()
+                    next_tick = now + tick_s
+                wait_s = min(deadline, self.kill_at, next_tick,
+                             exited_at + OUTPUT_GRACE_S if exited_at is not None else math.inf) - now
+                if pidfd is None and exited_at is None:
+                    wait_s = min(wait_s, 0.05)
+                for key, _ in selector.select(max(wait_s, 0)):
+                    if key.data == "exit":
+                        selector.unregister(key.fileobj)
+                    elif key.data == "wake":
+                        drain(key.fileobj)
+                        next_tick = now
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if chunk:
+                            key.data.add(chunk)
+                        else:
+                            selector.unregister(key.fileobj)
+                            open_streams -= 1
+        finally:
+            selector.close()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+            if pidfd is not None:
+                os.close(pidfd)
+        return self.result(self.proc.wait())
+
+    def result(self, returncode):
+        """The RunResult for a process that ended with returncode."""
+        error = exit_error(returncode)
+        if self.stop_reason is not None:
+            error = self.stop_reason + (f" ({error})" if error and returncode < 0 else "")
+        return RunResult(
+            exit_code=returncode if returncode >= 0 else None, error=error,
+            stdout=self.stdout.text(), stderr=self.stderr.text(),
+            stdout_cut=self.stdout.cut, stderr_cut=self.stderr.cut, stop_reason=self.stop_reason,
+            duration_s=time.monotonic() - self.started_at)
+
+
+def open_pidfd(pid):
+    """A pidfd for pid (Linux 5.3+), or None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def drain(sock_or_fd):
+    """Read and discard whatever is waiting on a non-blocking socket or fd."""
+    fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Workers: the loop in each worker process
+# ---------------------------------------------------------------------------
+
+class Worker:
+    """One worker process: claim a due job, run it, record the result, repeat.
+
+    Signals only set flags (the loop does the work): SIGTERM drains (finish the
+    current job, then exit), SIGUSR1 aborts (stop the job, return it to pending
+    uncounted, exit). SIGINT is the supervisor's business: a Ctrl-C at the
+    terminal reaches the whole foreground group, and the supervisor decides.
+    """
+
+    def __init__(self, db_path, worker_id, supervisor_id, label, queues, job_pids, slot):
+        self.db_path, self.worker_id, self.supervisor_id = db_path, worker_id, supervisor_id
+        self.label, self.queues = label, list(queues)
+        self.job_pids, self.slot = job_pids, slot
+        self.is_draining = False
+        self.is_aborting = False
+        self.parent_pid = os.getppid()
+        self.job = None
+
+    # -- setup -------------------------------------------------------------
+
+    def install_signals(self):
+        """Flags for SIGTERM and SIGUSR1, a no-op SIGINT, and a wake-up fd for all of them."""
+        import signal
+        import socket
+        self.signal_r, signal_w = socket.socketpair()
+        self.signal_r.setblocking(False)
+        signal_w.setblocking(False)
+        self._signal_w = signal_w  # keep it open for set_wakeup_fd
+        signal.set_wakeup_fd(signal_w.fileno(), warn_on_full_buffer=False)
+        # A Python handler, not SIG_IGN: ignored signals stay ignored in the
+        # jobs we exec, handlers do not.
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, self._on_drain)
+        signal.signal(signal.SIGUSR1, self._on_abort)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the supervisor blocked them for the fork
+
+    def _on_drain(self, signum, frame):
+        self.is_draining = True
+
+    def _on_abort(self, signum, frame):
+        self.is_aborting = True
+
+    def open_wake_socket(self):
+        """Listen for enqueue nudges on an abstract unix socket (Linux); else None."""
+        import socket
+        if not sys.platform.startswith("linux"):
+            return None
+        address = f"queuectl/{self.worker_id}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind("\0" + address)
+        sock.setblocking(False)
+        self.wake_sock = sock
+        return address
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self):
+        """Work until drained, aborted or orphaned; return the process exit code."""
+        import selectors
+        self.install_signals()
+        self.wake_sock = None
+        self.conn = connect(self.db_path, durable=False)
+        self.config = load_config(self.conn)
+        wake_addr = self.open_wake_socket()
+        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id,
+                   self.queues, wake_addr)
+        self.idle = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
+        for source in filter(None, (self.wake_sock, self.signal_r)):
+            self.idle.register(source, selectors.EVENT_READ)
+        self.claim_query = claim_sql(self.queues)
+        self.next_beat = self.next_config = time.monotonic()
+        try:
+            while not self.should_stop():
+                self.keep_up()
+                job = retry_busy(claim, self.conn, self.worker_id, self.claim_query,
+                                 self.config["lease_timeout"])
+                if job is None:
+                    self.wait_idle()
+                else:
+                    self.process(job)
+        finally:
+            retry_busy(unregister_process, self.conn, self.worker_id)
+            self.conn.close()
+        return 0
+
+    def should_stop(self):
+        """Stop claiming when told to, or when the supervisor is gone (we were orphaned)."""
+        return self.is_draining or self.is_aborting or os.getppid() != self.parent_pid
+
+    def keep_up(self):
+        """Refresh config every poll_interval and beat every lease_timeout / 3."""
+        now = time.monotonic()
+        if now >= self.next_config:
+            self.config = retry_busy(load_config, self.conn)
+            self.next_config = now + self.config["poll_interval"]
+        if now >= self.next_beat:
+            if retry_busy(heartbeat, self.conn, self.worker_id):
+                self.is_draining = True
+            self.next_beat = now + self.config["lease_timeout"] / 3
+
+    def wait_idle(self):
+        """Sleep up to poll_interval, or until an enqueue or a signal wakes us."""
+        for key, _ in self.idle.select(self.config["poll_interval"]):
+            drain(key.fileobj)
+
+    # -- one job -----------------------------------------------------------
+
+    def process(self, job):
+        """Run one claimed job and record how it ended."""
+        self.job = job
+        log(f"{self.label} job {job['id']} started (attempt {job['attempts']} of "
+            f"{job['max_retries'] + 1}): {one_line(job['command'])}")
+        run = CommandRun(job["command"], self.job_env(job), job["cwd"], job["timeout_s"],
+                         self.config["output_limit"])
+        spawn_error = run.start()
+        if spawn_error:
+            result = RunResult(error=spawn_error)
+        else:
+            self.job_pids[self.slot] = run.proc.pid  # so the supervisor can end it if we die
+            self.lease_renewed_at = time.monotonic()
+            tick_s = min(self.config["poll_interval"], self.config["lease_timeout"] / 3)
+            result = run.wait(tick_s, lambda: self.watch(run),
+                              [s for s in (self.wake_sock, self.signal_r) if s is not None])
+            self.job_pids[self.slot] = 0
+        self.record(job, result)
+        self.job = None
+
+    def job_env(self, job):
+        """The worker's environment, the job's env, and QUEUECTL_JOB_ID / _ATTEMPT / _DB."""
+        env = dict(os.environ)
+        env["QUEUECTL_DB"] = os.path.abspath(self.db_path)  # so a job can call queuectl itself
+        env.update(json.loads(job["env"]))
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        return env
+
+    def watch(self, run):
+        """Each tick of a running job: obey signals, renew the lease, notice a cancel."""
+        if self.is_aborting:
+            run.stop("interrupted by a forced shutdown", ABORT_GRACE_S)
+            return
+        self.keep_up()
+        lease_s = self.config["lease_timeout"]
+        try:
+            if time.monotonic() - self.lease_renewed_at >= lease_s / 3:
+                is_ours = retry_busy(renew_lease, self.conn, self.job, lease_s)
+                self.lease_renewed_at = time.monotonic()
+            else:
+                is_ours = still_ours(self.conn, self.job)
+        except sqlite3.OperationalError as e:
+            log(f"{self.label} could not renew the lease of job {self.job['id']}: {e}")
+            return  # try again next tick; the lease has time left
+        if not is_ours:
+            run.stop("canceled, or its lease was taken over", KILL_GRACE_S)
+
+    def record(self, job, result):
+        """Write the result (fenced by the lease token) and log it."""
+        if result.stop_reason == "interrupted by a forced shutdown":
+            if retry_busy(return_job_uncounted, self.conn, job,
+                          "interrupted by a forced shutdown; this run was not counted"):
+                log(f"{self.label} job {job['id']} interrupted; returned to pending uncounted")
+            return
+        state = retry_busy(record_run, self.conn, job, result, self.config)
+        log(f"{self.label} job {job['id']} " + describe_outcome(job, result, state, self.config))
+
+
+def describe_outcome(job, result, state, config):
+    """The log line's tail for a finished run."""
+    took = f"{result.duration_s:.3f} s"
+    if state is None:
+        return f"stopped ({result.error}); nothing recorded: the job is no longer ours"
+    if state == "completed":
+        return f"completed in {took}"
+    if state == "failed":
+        wait = seconds_text(backoff_s(job["attempts"], config))
+        return f"failed after {took}: {result.error}; retry {job['attempts']} of {job['max_retries']} in {wait}"
+    return f"dead after {job['attempts']} attempt(s): {result.error}"
+
+
+def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot):
+    """Worker process entry point: plain arguments, so fork, spawn and forkserver all work."""
+    try:
+        code = Worker(db_path, worker_id, supervisor_id, label, queues, job_pids, slot).run()
+    except Exception as e:  # the supervisor logs it and replaces us
+        log(f"{label} crashed: {e!r}")
+        if os.environ.get("QUEUECTL_DEBUG") == "1":
+            raise
+        code = 1
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------
+# Workers: the supervisor
+# ---------------------------------------------------------------------------
+
+class Supervisor:
+    """Starts N worker processes, replaces any that die, and owns the signals.
+
+    First SIGTERM/SIGINT (or `worker stop`): stop claiming, let running jobs
+    finish and be recorded, exit 0. Second: abort the running jobs, return them
+    to pending uncounted, exit 128 + the signal at once.
+    """
+
+    def __init__(self, db_path, count, queues, is_burst, start_method=None):
+        import multiprocessing
+        self.db_path, self.count, self.queues, self.is_burst = db_path, count, list(queues), is_burst
+        self.mp = multiprocessing.get_context(start_method)
+        self.job_pids = self.mp.RawArray("q", count)  # each slot's running job pid, or 0
+        self.supervisor_id = f"{HOST}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.workers = {}  # slot -> (process, worker_id)
+        self.started = 0
+        self.signals_seen = 0
+        self.is_stopping = False
+        self.exit_code = 0
+        self.restart_at = [0.0] * count
+        self.stop_requested = False
+        self.pending_signal = None
+
+    def run(self):
+        """Supervise until stopped; return the exit code."""
+        import multiprocessing.connection
+        self.conn = connect(self.db_path, durable=False)
+        self.install_signals()
+        retry_busy(register_process, self.conn, self.supervisor_id, "supervisor", None, self.queues)
+        scope = ", ".join(self.queues) or "all queues"
+        log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.db_path}")
+        self.next_beat = 0.0
+        try:
+            while self.workers or not self.is_stopping:
+                if not self.is_stopping:
+                    self.fill_pool()
+                waitables = [p.sentinel for p, _ in self.workers.values()] + [self.signal_r]
+                multiprocessing.connection.wait(waitables, timeout=SUPERVISOR_TICK_S)
+                drain(self.signal_r)
+                self.collect_exited()
+                self.maintain()
+        finally:
+            retry_busy(unregister_process, self.conn, self.supervisor_id)
+            self.conn.close()
+        log(f"supervisor {os.getpid()} stopped")
+        return self.exit_code
+
+    # -- signals -----------------------------------------------------------
+
+    def install_signals(self):
+        """SIGTERM/SIGINT count toward stop and abort; SIGUSR1 (from `worker stop`) just stops."""
+        import signal
+        import socket
+        self.signal_r, self._signal_w = socket.socketpair()
+        self.signal_r.setblocking(False)
+        self._signal_w.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_stop_request)
+
+    def _on_signal(self, signum, frame):
+        # Handlers only record; the loop acts (signal safety).
+        self.pending_signal = signum
+        self.signals_seen += 1
+
+    def _on_stop_request(self, signum, frame):
+        self.stop_requested = True
+
+    # -- the pool ----------------------------------------------------------
+
+    def fill_pool(self):
+        """Start a worker in every empty slot (a slot whose worker died waits a moment)."""
+        import signal
+        now = time.monotonic()
+        for slot in range(self.count):
+            if slot in self.workers or now < self.restart_at[slot]:
+                continue
+            self.started += 1
+            worker_id = f"{self.supervisor_id}.{self.started}"
+            label = f"worker {slot + 1}"
+            process = self.mp.Process(
+                target=worker_main, name=f"queuectl-{label.replace(' ', '-')}",
+                args=(self.db_path, worker_id, self.supervisor_id, label, self.queues, self.job_pids, slot))
+            # Block the stop signals across the fork: the child must not run our
+            # handlers before it installs its own (it unblocks them then).
+            blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self.workers[slot] = (process, worker_id)
+            self.restart_at[slot] = now + 1.0  # a worker that dies at once is not restarted in a loop
+
+    def collect_exited(self):
+        """Forget workers that exited; a death while not stopping is logged and its job recovered."""
+        for slot, (process, worker_id) in list(self.workers.items()):
+            if process.exitcode is None:
+                continue
+            process.join()
+            del self.workers[slot]
+            if process.exitcode != 0 or not self.is_stopping:
+                self.recover(slot, process, worker_id)
+
+    def recover(self, slot, process, worker_id):
+        """A worker died: end its orphaned job, return that job to the retry rules, drop its row."""
+        import signal
+        how = f"signal {signal_name(-process.exitcode)}" if process.exitcode < 0 else f"exit {process.exitcode}"
+        job_pid, self.job_pids[slot] = self.job_pids[slot], 0
+        if job_pid:
+            kill_group(job_pid, signal.SIGKILL)
+        settled = retry_busy(fail_lost_jobs, self.conn, "worker_id = :worker_id", {"worker_id": worker_id},
+                             f"worker lost: process {process.pid} died ({how})")
+        retry_busy(unregister_process, self.conn, worker_id)
+        jobs = ", ".join(f"job {job_id} is now {state}" for job_id, state in settled)
+        log(f"worker {slot + 1} (pid {process.pid}) died ({how})" + (f"; {jobs}" if jobs else "")
+            + ("" if self.is_stopping else "; starting a replacement"))
+
+    # -- upkeep ------------------------------------------------------------
+
+    def maintain(self):
+        """Each tick: act on signals and stop requests, beat, reap lost leases, end a burst."""
+        self.act_on_signals()
+        now = time.monotonic()
+        if now >= self.next_beat:
+            config = retry_busy(load_config, self.conn)
+            if retry_busy(heartbeat, self.conn, self.supervisor_id):
+                self.stop_requested = True
+            for job_id, state in retry_busy(reap_expired_leases, self.conn):
+                log(f"job {job_id} lost its worker (lease expired); it is now {state}")
+            self.next_beat = now + min(config["lease_timeout"] / 3, 1.0)
+        if self.stop_requested:
+            self.stop_requested = False
+            self.begin_stop("asked to stop")
+        if self.is_burst and not self.is_stopping and self.queue_is_empty():
+            self.begin_stop("burst done: no pending, failed or processing jobs left")
+
+    def act_on_signals(self):
+        """First stop signal: drain. Second: abort."""
+        if self.signals_seen == 1 and not self.is_stopping:
+            self.begin_stop(f"received {signal_name(self.pending_signal)}")
+        elif self.signals_seen >= 2 and self.exit_code == 0:
+            self.abort(self.pending_signal)
+
+    def queue_is_empty(self):
+        """Whether no job of our queues is pending, failed or processing."""
+        sql = "SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed', 'processing')"
+        if self.queues:
+            sql += f" AND queue IN ({', '.join('?' for _ in self.queues)})"
+        return self.conn.execute(sql, self.queues).fetchone()[0] == 0
+
+    def begin_stop(self, why):
+        """Stop claiming: each worker finishes its job, records it and exits."""
+        import signal
+        if self.is_stopping:
+            return
+        self.is_stopping = True
+        busy = sum(1 for pid in self.job_pids if pid)
+        log(f"supervisor stopping ({why}); waiting for {busy} running job(s); "
+            "a second Ctrl-C or SIGTERM aborts them")
+        for process, _ in self.workers.values():
+            kill_process(process.pid, signal.SIGTERM)
+
+    def abort(self, signum):
+        """Stop running jobs now, return them to pending uncounted, and exit."""
+        import signal
+        self.is_stopping = True
+        self.exit_code = 128 + signum
+        log("supervisor aborting: stopping running jobs and returning them to pending")
+        for process, _ in self.workers.values():
+            kill_process(process.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + ABORT_GRACE_S + 2.0
+        for process, _ in self.workers.values():
+            process.join(max(deadline - time.monotonic(), 0))
+        for slot, (process, worker_id) in list(self.workers.items()):
+            if process.exitcode is None:  # stuck: finish it off and return its job ourselves
+                process.kill()
+                process.join()
+                self.return_jobs_of(slot, worker_id)
+            del self.workers[slot]
+
+    def return_jobs_of(self, slot, worker_id):
+        """Kill a killed worker's job group and put its job back to pending uncounted."""
+        import signal
+        if self.job_pids[slot]:
+            kill_group(self.job_pids[slot], signal.SIGKILL)
+        for job in self.conn.execute("SELECT seq, lease_token FROM jobs WHERE state = 'processing' "
+                                     "AND worker_id = ?", (worker_id,)).fetchall():
+            retry_busy(return_job_uncounted, self.conn, job, "interrupted by a forced shutdown; not counted")
+
+
+def kill_process(pid, signum):
+    """Signal one process that may already be gone."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# CLI: output helpers
+# ---------------------------------------------------------------------------
+
+def print_json(document):
+    """Exactly one JSON document on stdout."""
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def print_table(headers, rows):
+    """Rows as aligned columns under headers."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    for row in (headers, *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def short_time(ts):
+    """A timestamp for tables: ISO-8601 UTC to the second, or '-'."""
+    return iso(ts)[:19] + "Z" if ts is not None else "-"
+
+
+def open_db(args):
+    """The connection for a command that changes or reads jobs (enqueues are fsynced)."""
+    return connect(args.db_path)
+
+
+def open_db_reaped(args):
+    """A connection for a reading command, after returning jobs of lost workers to the retry rules."""
+    conn = open_db(args)
+    try:
+        reap_expired_leases(conn)
+    except sqlite3.OperationalError as e:
+        if "readonly" not in str(e):  # on a read-only database, just show what is there
+            raise
+    return conn
+
+
+# ---------------------------------------------------------------------------
+# CLI: commands
+# ---------------------------------------------------------------------------
+
+def cmd_init(args):
+    """Create the database if missing and say where it is."""
+    with closing(open_db(args)):
+        print(f"database {os.path.abspath(args.db_path)} is ready (schema {SCHEMA_VERSION})")
+
+
+@contextmanager
+def closing(conn):
+    """Close a connection when the block ends."""
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def read_jobs_input(args):
+    """The jobs to enqueue as [(line number or None, object)] from JSON, -c or -f."""
+    given = [args.job is not None, args.command is not None, args.file is not None]
+    if sum(given) != 1:
+        raise UsageError("give exactly one job source: a JSON argument, -c COMMAND or -f FILE")
+    flags = {"--id": args.id, "--max-retries": args.max_retries, "--timeout": args.timeout,
+             "--priority": args.priority, "--queue": args.queue, "--run-at": args.run_at,
+             "--delay": args.delay, "--after": args.after}
+    stray = [flag for flag, value in flags.items() if value is not None]
+    if stray and args.command is None:
+        raise UsageError(f"{stray[0]} goes with -c COMMAND; put the field in the JSON instead")
+    if args.command is not None:
+        return [(None, job_from_flags(args))]
+    if args.job is not None:
+        return [(None, parse_json_text(args.job, "the job"))]
+    return parse_json_lines(read_input_file(args.file))
+
+
+def job_from_flags(args):
+    """The job object that `enqueue -c COMMAND [flags]` describes."""
+    spec = {"command": args.command}
+    for field, value in (("id", args.id), ("max_retries", args.max_retries), ("timeout", args.timeout),
+                         ("priority", args.priority), ("queue", args.queue), ("delay", args.delay),
+                         ("depends_on", args.after), ("run_at", args.run_at)):
+        if value is not None:
+            spec[field] = value
+    return spec
+
+
+def parse_json_text(text, what):
+    """json.loads with a one-line error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply") from None
+
+
+def read_input_file(path):
+    """The bytes of a JSON Lines file, or of stdin for '-'."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read '{path}': {e.strerror}") from None
+
+
+def parse_json_lines(data):
+    """[(line number, object)] for the non-blank lines of a JSON Lines file."""
+    jobs = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"line {number}: not UTF-8 text") from None
+        if line.strip():
+            jobs.append((number, parse_json_text(line, f"line {number}")))
+    return jobs
+
+
+def cmd_enqueue(args):
+    """Add jobs; print each new id on its own line."""
+    specs = read_jobs_input(args)
+    with closing(open_db(args)) as conn:
+        config = load_config(conn)
+        now = time.time()
+        rows, lines = [], {}
+        for number, spec in specs:
+            try:
+                row = job_row(spec, config, now)
+            except QueueError as e:
+                raise type(e)(f"line {number}: {e}" if number else str(e)) from None
+            rows.append(row)
+            lines[id(row)] = number
+        ids = enqueue_rows(conn, rows, if_absent=args.if_absent,
+                           lines=lines if specs and specs[0][0] is not None else None)
+        if ids:
+            wake_workers(conn)
+    if ids:
+        sys.stdout.write("\n".join(ids) + "\n")
+
+
+def cmd_worker_start(args):
+    """Run a supervisor and its workers in the foreground (or detached)."""
+    if not 1 <= args.count <= 256:
+        raise UsageError(f"--count must be from 1 to 256, got {args.count}")
+    for queue in args.queue or []:
+        if not QUEUE_RE.fullmatch(queue):
+            raise UsageError(f"--queue must be 1-64 characters of A-Z a-z 0-9 . _ -, got '{queue}'")
+    with closing(open_db(args)):
+        pass  # create and migrate once here, not in every worker at the same time
+    refuse_unsafe_db(args.db_path)
+    if args.detach:
+        return detach(args)
+    return Supervisor(args.db_path, args.count, args.queue or [], args.burst, args.start_method).run()
+
+
+def refuse_unsafe_db(path):
+    """A database others can write could make us run their commands: refuse it."""
+    import stat
+    mode = os.stat(path).st_mode
+    if mode & stat.S_IWOTH:
+        raise QueueError(f"database '{path}' is writable by other users (mode {stat.filemode(mode)}); "
+                         f"its jobs run as shell commands, so fix it first: chmod 600 '{path}'")
+
+
+def detach(args):
+    """Start the same supervisor in its own session, logging to <db>.log; print its pid."""
+    import subprocess
+    log_path = args.db_path + ".log"
+    argv = [sys.executable, os.path.abspath(__file__), "--db", args.db_path, "worker", "start",
+            "--count", str(args.count)]
+    for queue in args.queue or []:
+        argv += ["--queue", queue]
+    argv += ["--burst"] if args.burst else []
+    argv += ["--start-method", args.start_method] if args.start_method else []
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                start_new_session=True)
+    finally:
+        os.close(log_fd)
+    with closing(open_db(args)) as conn:
+        wait_for_supervisor(conn, proc, log_path)
+    print(proc.pid)
+
+
+def wait_for_supervisor(conn, proc, log_path, timeout_s=10.0):
+    """Wait until a detached supervisor has registered; fail if it exited first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if conn.execute("SELECT 1 FROM workers WHERE kind = 'supervisor' AND pid = ? AND host = ?",
+                        (proc.pid, HOST)).fetchone():
+            return
+        if proc.poll() is not None:
+            raise QueueError(f"the detached worker exited at once (status {proc.returncode}); see {log_path}")
+        time.sleep(0.02)
+    raise QueueError(f"the detached worker (pid {proc.pid}) did not start within {seconds_text(timeout_s)}; "
+                     f"see {log_path}")
+
+
+def cmd_worker_stop(args):
+    """Ask every live supervisor of this database to stop gracefully, and wait for them."""
+    import signal
+    with closing(open_db(args)) as conn:
+        supervisors = [p for p in live_processes(conn) if p["kind"] == "supervisor"]
+        if not supervisors:
+            print("no supervisor is running")
+            return 0
+        with immediate(conn):
+            conn.executemany("UPDATE workers SET stop_requested = 1 WHERE id = ?",
+                             [(p["id"],) for p in supervisors])
+        for p in supervisors:
+            if p["host"] == HOST:
+                kill_process(p["pid"], signal.SIGUSR1)  # wakes it now; the flag works across hosts
+        remaining = wait_for_exit(conn, supervisors, args.timeout)
+    stopped = len(supervisors) - len(remaining)
+    print(f"stopped {stopped} supervisor(s)")
+    if remaining:
+        pids = ", ".join(str(p["pid"]) for p in remaining)
+        raise QueueError(f"{len(remaining)} supervisor(s) still running after {seconds_text(args.timeout)} "
+                         f"(pid {pids}); their jobs are still finishing")
+    return 0
+
+
+def wait_for_exit(conn, supervisors, timeout_s):
+    """Poll until the supervisors' registry rows are gone; return those still there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive_ids = {p["id"] for p in live_processes(conn)}
+        remaining = [p for p in supervisors if p["id"] in alive_ids]
+        if not remaining or time.monotonic() >= deadline:
+            return remaining
+        time.sleep(0.05)
+
+
+def cmd_worker_list(args):
+    """The live supervisors and workers, with pid, start time and current job."""
+    with closing(open_db(args)) as conn:
+        processes = live_processes(conn)
+    if args.json:
+        return print_json(processes)
+    if not processes:
+        return print("no workers are running")
+    print_table(("KIND", "PID", "HOST", "STARTED", "CURRENT JOB", "ID"),
+                [(p["kind"], p["pid"], p["host"], p["started_at"][:19] + "Z", p["current_job"] or "-", p["id"])
+                 for p in processes])
+
+
+def cmd_status(args):
+    """Counts per state, live workers, and the oldest runnable job's age."""
+    with closing(open_db_reaped(args)) as conn:
+        counts = count_by_state(conn)
+        processes = live_processes(conn)
+        age_s = oldest_runnable_age_s(conn)
+    workers = [p for p in processes if p["kind"] == "worker"]
+    if args.json:
+        return print_json({"jobs": counts, "workers": processes, "oldest_runnable_age_s": age_s})
+    print_table(("STATE", "JOBS"), list(counts.items()))
+    busy = sum(1 for w in workers if w["current_job"])
+    supervisors = len(processes) - len(workers)
+    print(f"\nworkers: {len(workers)} alive ({busy} busy) under {supervisors} supervisor(s)")
+    print("oldest runnable job: " + ("none waiting" if age_s is None else f"waiting {seconds_text(age_s)}"))
+
+
+def cmd_list(args):
+    """Jobs, newest first."""
+    if args.limit < 0:
+        raise UsageError(f"--limit must be 0 (no limit) or more, got {args.limit}")
+    states = parse_states(args.state) if args.state else None
+    with closing(open_db_reaped(args)) as conn:
+        rows = list_jobs(conn, states, args.queue, args.limit)
+    print_jobs(rows, args.json)
+
+
+def print_jobs(rows, as_json):
+    """A list of jobs as a JSON array or a table."""
+    if as_json:
+        return print_json([job_json(row) for row in rows])
+    if not rows:
+        return print("no jobs")
+    print_table(("ID", "STATE", "ATTEMPTS", "PRIORITY", "QUEUE", "UPDATED", "COMMAND"),
+                [(r["id"], r["state"], r["attempts"], r["priority"], r["queue"], short_time(r["updated_at"]),
+                  one_line(r["command"], 50)) for r in rows])
+
+
+def cmd_show(args):
+    """Every field of one job, output included."""
+    with closing(open_db_reaped(args)) as conn:
+        job = job_json(get_job(conn, args.id))
+    if args.json:
+        return print_json(job)
+    for field, value in job.items():
+        if field in ("stdout", "stderr"):
+            continue
+        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+        print(f"{field + ':':<13} {'-' if value is None else shown}")
+    for stream in ("stdout", "stderr"):
+        print(f"--- {stream} ---")
+        print(job[stream], end="" if job[stream].endswith("\n") or not job[stream] else "\n")
+
+
+def cmd_logs(args):
+    """The captured output, raw, for piping; a note on stderr if its start was cut."""
+    with closing(open_db(args)) as conn:
+        job = get_job(conn, args.id)
+    stream = "stderr" if args.stderr else "stdout"
+    if job[stream + "_cut"]:
+        print(f"queuectl: note: {cut_marker(job[stream + '_cut']).strip()}", file=sys.stderr)
+    sys.stdout.write(job[stream])
+
+
+def cmd_cancel(args):
+    """Cancel jobs; a running one has its process group ended by its worker."""
+    with closing(open_db(args)) as conn:
+        jobs = cancel_jobs(conn, args.ids)
+        if any(job["state"] == "processing" for job in jobs):
+            wake_workers(conn)  # its worker notices at once instead of at the next tick
+    for job in jobs:
+        note = " (its process group is being stopped)" if job["state"] == "processing" else ""
+        print(f"canceled {job['id']}{note}")
+
+
+def cmd_retry(args):
+    """Put dead or canceled jobs back to pending."""
+    retry_and_report(args, args.ids)
+
+
+def retry_and_report(args, ids):
+    """Retry jobs (ids None: every dead one), wake the workers, and say how many."""
+    with closing(open_db(args)) as conn:
+        retried = retry_jobs(conn, ids)
+        if retried:
+            wake_workers(conn)
+    for job_id in retried:
+        print(f"retried {job_id}")
+    if ids is None:
+        print(f"retried {len(retried)} job(s)")
+
+
+def cmd_dlq_list(args):
+    """The dead letter queue: every dead job."""
+    with closing(open_db_reaped(args)) as conn:
+        rows = list_jobs(conn, ["dead"], None, args.limit)
+    print_jobs(rows, args.json)
+
+
+def cmd_dlq_retry(args):
+    """Retry dead jobs by id, or all of them."""
+    if bool(args.ids) == args.all:
+        raise UsageError("give job ids or --all, not both or neither")
+    if args.ids:
+        with closing(open_db(args)) as conn:
+            for job in fetch_jobs(conn, args.ids):
+                if job["state"] != "dead":
+                    raise QueueError(f"job '{job['id']}' is {job['state']}, not in the dead letter queue")
+    retry_and_report(args, None if args.all else args.ids)
+
+
+def cmd_dlq_purge(args):
+    """Delete every dead job."""
+    with closing(open_db(args)) as conn:
+        print(f"purged {purge_jobs(conn, ['dead'])} dead job(s)")
+
+
+def cmd_purge(args):
+    """Delete jobs in end states, optionally only those finished long enough ago."""
+    states = parse_states(args.state) if args.state else ["completed"]
+    older_than_s = parse_duration(args.older_than) if args.older_than else None
+    with closing(open_db(args)) as conn:
+        print(f"purged {purge_jobs(conn, states, older_than_s)} job(s)")
+
+
+def cmd_wait(args):
+    """Block until every named job ends: 0 if all completed, 1 if not, 124 on timeout."""
+    if args.timeout is not None and args.timeout < 0:
+        raise UsageError(f"--timeout must be 0 or more, got {args.timeout}")
+    deadline = math.inf if args.timeout is None else time.monotonic() + args.timeout
+    with closing(open_db(args)) as conn:
+        fetch_jobs(conn, args.ids)  # unknown ids fail now, not after the wait
+        while True:
+            reap_expired_leases(conn)
+            states = {row["id"]: row["state"] for row in fetch_jobs(conn, args.ids)}
+            if all(state in END_STATES for state in states.values()):
+                break
+            if time.monotonic() >= deadline:
+                waiting = [job_id for job_id, state in states.items() if state not in END_STATES]
+                raise WaitTimeout(f"timed out after {seconds_text(args.timeout)}; still waiting for "
+                                  f"{', '.join(waiting)}")
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+    for job_id, state in states.items():
+        print(f"{job_id} {state}")
+    bad = [f"{job_id} is {state}" for job_id, state in states.items() if state != "completed"]
+    if bad:
+        raise QueueError("not every job completed: " + ", ".join(bad))
+
+
+def cmd_config_get(args):
+    """One config value."""
+    check_config_key(args.key)
+    with closing(open_db(args)) as conn:
+        value = load_config(conn)[args.key]
+    print_json({args.key: value}) if args.json else print(value)
+
+
+def cmd_config_set(args):
+    """Change one config value."""
+    value = parse_config_value(args.key, args.value)
+    with closing(open_db(args)) as conn:
+        set_config(conn, args.key, value)
+    print(f"{args.key} = {value}")
+
+
+def cmd_config_list(args):
+    """Every config value."""
+    with closing(open_db(args)) as conn:
+        config = load_config(conn)
+    if args.json:
+        return print_json(config)
+    print_table(("KEY", "VALUE"), list(config.items()))
+
+
+# ---------------------------------------------------------------------------
+# CLI: the demo
+# ---------------------------------------------------------------------------
+
+def cmd_demo(args):
+    """The whole life of a queue in a few seconds, on a fresh temporary database."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="queuectl-demo-") as tmp:
+        db = args.db if args.db else os.path.join(tmp, "demo.db")
+        Demo(db, tmp).run()
+
+
+class Demo:
+    """The README's first command: real commands on a real database, narrated."""
+
+    def __init__(self, db, workdir):
+        self.db, self.workdir = db, workdir
+
+    def say(self, text):
+        print(f"\n# {text}", flush=True)
+
+    def queuectl(self, *argv):
+        """Run one queuectl command in this process, echoing it like a shell session."""
+        import io
+        from contextlib import redirect_stdout
+        print("$ queuectl " + " ".join(quote(a) for a in argv), flush=True)
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            code = main(["--db", self.db, *argv])
+        print(buffer.getvalue(), end="", flush=True)
+        if code != 0:
+            raise QueueError(f"demo step failed: queuectl {' '.join(argv)} (exit {code})")
+        return buffer.getvalue().split()
+
+    def workers(self, count):
+        """Run a burst of real worker processes; their log lines show each job event."""
+        import subprocess
+        argv = ["worker", "start", "--count", str(count), "--burst"]
+        print("$ queuectl " + " ".join(argv), flush=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--db", self.db, *argv],
+                       stdout=sys.stdout, stderr=sys.stdout, check=True)
+
+    def run(self):
+        """The story: enqueue, run, fail into the DLQ, retry from there, report."""
+        print(f"queuectl {__version__} demo on {self.db}")
+        with closing(connect(self.db)) as conn:
+            if sum(count_by_state(conn).values()):
+                raise QueueError(f"the demo needs an empty database; '{self.db}' has jobs")
+        self.say("Fast retries for the demo: waits of 1.5 s, then 2.25 s.")
+        self.queuectl("config", "set", "backoff_base", "1.5")
+        self.say("Jobs: two priorities, a scheduled one, one that waits for another.")
+        self.queuectl("enqueue", "-c", "echo hello from queuectl", "--id", "hello")
+        self.queuectl("enqueue", "-c", "echo low priority", "--id", "low", "--priority", "-5")
+        self.queuectl("enqueue", "-c", "echo high priority runs first", "--id", "high", "--priority", "10")
+        self.queuectl("enqueue", "-c", "echo scheduled 2 s later", "--id", "later", "--delay", "2")
+        self.queuectl("enqueue", "-c", "echo after hello", "--id", "child", "--after", "hello")
+        self.say("One that times out, and one that fails until a file exists (JSON form).")
+        self.queuectl("enqueue", "-c", "sleep 30", "--id", "slow", "--timeout", "1", "--max-retries", "0")
+        self.queuectl("enqueue", json.dumps({
+            "id": "flaky", "command": "test -f ready || { echo 'not ready' >&2; exit 3; }",
+            "cwd": self.workdir, "max_retries": 2}))
+        self.queuectl("status")
+        self.say("Two workers drain the queue (--burst: stop when nothing is left to do).")
+        self.workers(2)
+        self.say("The failing job spent its retries and sits in the dead letter queue.")
+        self.queuectl("dlq", "list")
+        self.queuectl("logs", "flaky", "--stderr")
+        self.say("Fix the cause, retry it from the DLQ, and run a worker again.")
+        open(os.path.join(self.workdir, "ready"), "w").close()
+        self.queuectl("dlq", "retry", "flaky")
+        self.workers(1)
+        self.queuectl("list")
+        self.queuectl("status")
+
+
+def quote(text):
+    """Shell-quote text for the demo's echo of a command line."""
+    import shlex
+    return shlex.quote(text)
+
+
+# ---------------------------------------------------------------------------
+# CLI: parser and main
+# ---------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    """The command line: one subcommand per operation, each with set_defaults(func=...)."""
+    parser = ArgumentParser(prog="queuectl", description="A background job queue in one file.")
+    parser.add_argument("--db", help="the SQLite file (default: $QUEUECTL_DB, else ./queuectl.db)")
+    parser.add_argument("--version", action="version", version=f"queuectl {__version__}")
+    as_json = ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON document")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, func, help_text, parents=(), subparsers=commands):
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=list(parents))
+        sub.set_defaults(func=func)
+        return sub
+
+    command("init", cmd_init, "create the database if missing")
+
+    enqueue = command("enqueue", cmd_enqueue, "add jobs: JSON, -c COMMAND or -f FILE")
+    enqueue.add_argument("job", nargs="?", help="one job as a JSON object")
+    enqueue.add_argument("-c", "--command", help="the shell command of one job")
+    enqueue.add_argument("-f", "--file", help="JSON Lines, one job a line ('-': stdin)")
+    enqueue.add_argument("--id")
+    enqueue.add_argument("--max-retries", type=int)
+    enqueue.add_argument("--timeout", type=float, metavar="S")
+    enqueue.add_argument("--priority", type=int)
+    enqueue.add_argument("--queue")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--run-at", metavar="T", help="ISO-8601 time or epoch seconds")
+    when.add_argument("--delay", type=float, metavar="S")
+    enqueue.add_argument("--after", nargs="+", action="extend", metavar="ID", help="run after these jobs")
+    enqueue.add_argument("--if-absent", action="store_true", help="skip jobs whose id exists")
+
+    worker = command("worker", None, "start, stop or list workers")
+    worker_commands = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
+    start = command("start", cmd_worker_start, "run workers under a supervisor", subparsers=worker_commands)
+    start.add_argument("--count", type=int, default=1)
+    start.add_argument("--queue", action="append", metavar="Q", help="only these queues (repeatable)")
+    start.add_argument("--burst", action="store_true", help="exit once no job is left to run")
+    start.add_argument("--detach", action="store_true", help="run in the background, log to <db>.log")
+    start.add_argument("--start-method", choices=("fork", "spawn", "forkserver"),
+                       help="multiprocessing start method (default: the platform's)")
+    stop = command("stop", cmd_worker_stop, "stop every supervisor gracefully", subparsers=worker_commands)
+    stop.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    command("list", cmd_worker_list, "live supervisors and workers", [as_json], worker_commands)
+
+    command("status", cmd_status, "job counts, workers, oldest runnable job", [as_json])
+    listing = command("list", cmd_list, "jobs, newest first", [as_json])
+    listing.add_argument("--state", metavar="S[,S...]")
+    listing.add_argument("--queue")
+    listing.add_argument("--limit", type=int, default=100)
+    command("show", cmd_show, "every field of one job", [as_json]).add_argument("id")
+    logs = command("logs", cmd_logs, "a job's captured output, raw")
+    logs.add_argument("id")
+    logs.add_argument("--stderr", action="store_true")
+    command("cancel", cmd_cancel, "cancel jobs").add_argument("ids", nargs="+", metavar="ID")
+    command("retry", cmd_retry, "retry dead or canceled jobs").add_argument("ids", nargs="+", metavar="ID")
+
+    dlq = command("dlq", None, "the dead letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    command("list", cmd_dlq_list, "dead jobs", [as_json], dlq_commands).add_argument(
+        "--limit", type=int, default=100)
+    dlq_retry = command("retry", cmd_dlq_retry, "retry dead jobs", subparsers=dlq_commands)
+    dlq_retry.add_argument("ids", nargs="*", metavar="ID")
+    dlq_retry.add_argument("--all", action="store_true")
+    command("purge", cmd_dlq_purge, "delete dead jobs", subparsers=dlq_commands)
+
+    purge = command("purge", cmd_purge, "delete ended jobs")
+    purge.add_argument("--state", metavar="S[,S...]", help="end states (default: completed)")
+    purge.add_argument("--older-than", metavar="DURATION", help="e.g. 90s, 15m, 12h, 7d")
+    wait = command("wait", cmd_wait, "wait until jobs end")
+    wait.add_argument("ids", nargs="+", metavar="ID")
+    wait.add_argument("--timeout", type=float, metavar="S")
+
+    config = command("config", None, "read or change settings")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    command("get", cmd_config_get, "one setting", [as_json], config_commands).add_argument("key")
+    config_set = command("set", cmd_config_set, "change a setting", subparsers=config_commands)
+    config_set.add_argument("key")
+    config_set.add_argument("value")
+    command("list", cmd_config_list, "every setting", [as_json], config_commands)
+
+    command("demo", cmd_demo, "show the whole life of a queue in a few seconds")
+    return parser
+
+
+def main(argv=None):
+    """Run one command and return its exit code. Only here are errors printed."""
+    parser = build_parser()
+    db_path = None
+    try:
+        args = parser.parse_args(argv)
+        db_path = args.db_path = resolve_db_path(args.db)
+        return args.func(args) or 0
+    except QueueError as e:
+        return fail(str(e), e.exit_code)
+    except sqlite3.Error as e:
+        if os.environ.get("QUEUECTL_DEBUG") == "1":
+            raise
+        return fail(describe_db_error(e, db_path), 1)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # reader left: no noise at exit
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except Exception as e:  # a bug: one line, unless debugging
+        if os.environ.get("QUEUECTL_DEBUG") == "1":
+            raise
+        return fail(f"internal error: {e!r} (set QUEUECTL_DEBUG=1 for the traceback)", 1)
+
+
+def fail(message, exit_code):
+    """Print one error line and return the exit code."""
+    print(f"queuectl: error: {message}", file=sys.stderr)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
