@@ -7,8 +7,8 @@ test:  ## the whole suite (about a minute on 2 cores)
 	$(PYTHON) -m pytest -q -n 4 test_queuectl.py
 
 lint:  ## ruff, and vermin to keep the product runnable on Python 3.10
-	$(PYTHON) -m ruff check queuectl.py test_queuectl.py
-	$(PYTHON) -m vermin -t=3.10- --violations --no-tips queuectl.py
+	$(PYTHON) -m ruff check --isolated queuectl.py test_queuectl.py
+	vermin -t=3.10- --violations --no-tips queuectl.py
 
 demo:
 	$(PYTHON) queuectl.py demo

@@ -597,18 +597,21 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
     unless if_absent, which skips the jobs whose id exists.
     """
     line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
-    with immediate(conn):
-        rows = drop_duplicates(conn, rows, if_absent, line_of)
-        link_dependencies(conn, rows, line_of)
-        try:
+    try:
+        with immediate(conn):
+            rows = drop_duplicates(conn, rows, if_absent, line_of)
+            link_dependencies(conn, rows, line_of)
             conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
                                               for row in rows])
-        except sqlite3.IntegrityError:
-            clash = next(r for r in rows if job_state(conn, r["id"]) is not None)
-            raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
-                             "(--if-absent skips existing ids)") from None
-        conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
-                         [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
+            conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
+                             [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
+    except sqlite3.IntegrityError:
+        # Rolled back by now, so the ids that exist are the ones that clashed.
+        clash = next((row for row in rows if job_state(conn, row["id"]) is not None), None)
+        if clash is None:
+            raise
+        raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
+                         "(--if-absent skips existing ids)") from None
     return [row["id"] for row in rows]
 
 
@@ -632,7 +635,7 @@ def drop_duplicates(conn, rows, if_absent, line_of):
 
 CLAIM_SELECT_SQL = """
 SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries
-FROM jobs
+FROM jobs INDEXED BY jobs_due  -- never a sort of all pending jobs, whatever the planner thinks
 WHERE state IN ('pending', 'failed')
   AND deps_left = 0
   AND run_at <= :now
