@@ -493,13 +493,22 @@ VALUES (:id, :command, :queue, :priority, :max_retries, :timeout_s, :delay_s, :e
 """
 
 
+def check_text(field, value):
+    """A string that is valid Unicode (JSON can carry lone surrogates, SQLite cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{field} is not valid Unicode text (lone surrogate)") from None
+    return value
+
+
 def check_command(value):
     """A command: non-empty text that exec can pass to /bin/sh."""
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"command must be a non-empty string, got {json.dumps(value)}")
     if "\0" in value:
         raise UsageError("command must not contain a NUL byte")
-    size = len(value.encode("utf-8", "surrogatepass"))
+    size = len(check_text("command", value).encode("utf-8"))
     if size > MAX_COMMAND_BYTES:
         raise UsageError(f"command is {size} bytes; the limit is {MAX_COMMAND_BYTES} "
                          "(one exec argument); put a long script in a file and run that")
@@ -513,8 +522,10 @@ def check_env(value):
     for name, text in value.items():
         if not name or "=" in name or "\0" in name:
             raise UsageError(f"env has a bad variable name {json.dumps(name)}")
+        check_text("env", name)
         if not isinstance(text, str) or "\0" in text:
             raise UsageError(f"env {name} must be a string without NUL bytes")
+        check_text(f"env {name}", text)
     return value
 
 
@@ -539,6 +550,8 @@ def job_row(spec, config, now):
     cwd = spec.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
         raise UsageError(f"cwd must be a directory path, got {json.dumps(cwd)}")
+    if cwd is not None:
+        check_text("cwd", cwd)
     delay_s = check_number("delay", spec.get("delay", 0), float, 0)
     run_at = parse_time("run_at", spec["run_at"]) if "run_at" in spec else now + delay_s
     job_id = check_id("id", spec["id"]) if "id" in spec else new_job_id()
@@ -1436,19 +1449,23 @@ class Worker:
         if self.is_aborting:
             run.stop("interrupted by a forced shutdown", ABORT_GRACE_S)
             return
-        self.keep_up()
-        lease_s = self.config["lease_timeout"]
         try:
-            if time.monotonic() - self.lease_renewed_at >= lease_s / 3:
-                is_ours = retry_busy(renew_lease, self.conn, self.job, lease_s)
-                self.lease_renewed_at = time.monotonic()
-            else:
-                is_ours = still_ours(self.conn, self.job)
+            self.keep_up()
+            is_ours = self.renew_or_check()
         except sqlite3.OperationalError as e:
-            log(f"{self.label} could not renew the lease of job {self.job['id']}: {e}")
-            return  # try again next tick; the lease has time left
+            log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
+            return  # the lease has time left; the next tick tries again
         if not is_ours:
             run.stop("canceled, or its lease was taken over", KILL_GRACE_S)
+
+    def renew_or_check(self):
+        """Renew the lease every lease_timeout / 3, else just read; whether the job is still ours."""
+        lease_s = self.config["lease_timeout"]
+        if time.monotonic() - self.lease_renewed_at < lease_s / 3:
+            return still_ours(self.conn, self.job)
+        is_ours = retry_busy(renew_lease, self.conn, self.job, lease_s)
+        self.lease_renewed_at = time.monotonic()
+        return is_ours
 
     def record(self, job, result):
         """Write the result (fenced by the lease token) and log it."""
@@ -1696,7 +1713,7 @@ def kill_process(pid, signum):
 
 def print_json(document):
     """Exactly one JSON document on stdout."""
-    print(json.dumps(document, indent=2, ensure_ascii=False))
+    print(json.dumps(document, indent=2))
 
 
 def print_table(headers, rows):
