@@ -79,6 +79,8 @@ ABORT_GRACE_S = 1.0  # the same on a forced shutdown (second signal)
 OUTPUT_GRACE_S = 0.2  # read output this long after the job's main process exited
 SUPERVISOR_TICK_S = 0.2  # how often the supervisor looks at its pool and the db
 DEFAULT_BUSY_TIMEOUT_S = 5.0
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: times must print as ISO-8601
+WORKER_EXIT_CORRUPT = 3  # a worker found the database corrupt: the supervisor stops
 
 
 # ---------------------------------------------------------------------------
@@ -111,14 +113,14 @@ def iso(ts):
     """Epoch seconds as ISO-8601 UTC with milliseconds, or None."""
     if ts is None:
         return None
-    whole = math.floor(ts)
+    whole = math.floor(min(max(ts, 0.0), LATEST_TIME))
     millis = min(int((ts - whole) * 1000), 999)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
 def plain_number(value):
     """A float that is a whole number as an int, so JSON shows 2, not 2.0."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
 
@@ -148,17 +150,26 @@ def new_job_id():
 
 
 def check_number(field, value, kind, low, low_excluded=False, high=None):
-    """Validate value as an int (kind=int) or a finite number in range; return it."""
+    """Validate value as an int (kind=int) or a finite number in range; return it.
+
+    Python compares huge ints exactly, so the range check comes before any
+    conversion; a float field's value is returned as a float.
+    """
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise UsageError(f"{field} must be a whole number, got {json.dumps(value)}")
-    if not is_number or not math.isfinite(value):
-        raise UsageError(f"{field} must be a number, got {json.dumps(value)}")
+    if not is_number or (kind is int and not isinstance(value, int)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        wanted = "a whole number" if kind is int else "a number"
+        raise UsageError(f"{field} must be {wanted}, got {one_line(json.dumps(value), 40)}")
     too_low = value <= low if low_excluded else value < low
     if too_low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else (
             f"greater than {low}" if low_excluded else f"at least {low}")
-        raise UsageError(f"{field} must be {bounds}, got {json.dumps(value)}")
+        raise UsageError(f"{field} must be {bounds}, got {one_line(json.dumps(value), 40)}")
+    if kind is float:
+        try:
+            return float(value)
+        except OverflowError:
+            raise UsageError(f"{field} must be a number a float can hold, got {one_line(json.dumps(value), 40)}") from None
     return value
 
 
@@ -171,22 +182,30 @@ def check_id(field, value):
     return value
 
 
+def check_time(field, epoch_s):
+    """An epoch time that ISO-8601 can show: from 1970 to the end of 9999."""
+    if not (isinstance(epoch_s, (int, float)) and 0 <= epoch_s <= LATEST_TIME):
+        raise UsageError(f"{field} must be a time from 1970-01-01 to 9999-12-31, got "
+                         f"{one_line(json.dumps(epoch_s), 40)}")
+    return float(epoch_s)
+
+
 def parse_time(field, value):
     """ISO-8601 text (no offset: local time) or epoch seconds, as epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return check_number(field, value, float, 0)
+        return check_time(field, value)
     if not isinstance(value, str):
         raise UsageError(f"{field} must be an ISO-8601 time or epoch seconds, got {json.dumps(value)}")
     text = value.strip()
     try:
-        return check_number(field, float(text), float, 0)
+        return check_time(field, float(text))
     except ValueError:
         pass
     from datetime import datetime  # lazily: most commands never parse a time
     if text[-1:] in ("Z", "z"):
         text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat() has no 'Z'
     try:
-        return datetime.fromisoformat(text).timestamp()
+        return check_time(field, datetime.fromisoformat(text).timestamp())
     except (ValueError, OverflowError, OSError):
         raise UsageError(f"{field} must be an ISO-8601 time like 2026-11-22T09:30:00Z or epoch "
                          f"seconds, got {json.dumps(value)}") from None
@@ -215,14 +234,18 @@ def parse_states(text, allowed=STATES):
 
 
 def pid_exists(pid):
-    """Whether a process with this pid exists on this machine."""
+    """Whether a live process with this pid exists on this machine (a zombie is not alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:  # a killed process stays signalable until its parent reaps it
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is all we can know
 
 
 def log(message):
@@ -324,12 +347,24 @@ def resolve_db_path(arg):
 
 
 def prepare_db_file(path):
-    """Refuse paths that cannot hold a database; create a missing file owner-only."""
+    """Refuse paths that cannot hold a database; create a missing file owner-only.
+
+    Checked before SQLite opens anything, so a refused database gets no -wal or
+    -shm file that would outlive the fix.
+    """
     if os.path.isdir(path):
         raise QueueError(f"cannot use database '{path}': it is a directory")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise QueueError(f"cannot create database '{path}': directory '{parent}' does not exist")
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            raise QueueError(f"cannot use database '{path}': this user cannot read and write '{name}'; "
+                             "check its permissions")
+    sidecars_exist = os.path.exists(path + "-wal") and os.path.exists(path + "-shm")
+    if not sidecars_exist and not os.access(parent, os.W_OK | os.X_OK):
+        raise QueueError(f"cannot use database '{path}': directory '{parent}' is read-only, and SQLite "
+                         "needs to create its -wal and -shm files there")
     try:
         # 0600 from the start: the jobs it holds run as shell commands. SQLite
         # gives the -wal and -shm files the same mode.
@@ -352,6 +387,7 @@ def connect(path, durable=True):
                            check_same_thread=False)
     try:
         conn.row_factory = sqlite3.Row
+        check_schema(conn)  # refuse a newer or foreign database before changing anything
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
@@ -362,19 +398,25 @@ def connect(path, durable=True):
     return conn
 
 
-def migrate(conn):
-    """Bring the schema to SCHEMA_VERSION in one transaction; refuse newer ones."""
+def check_schema(conn):
+    """Refuse a database of a newer queuectl, or one that belongs to something else."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
     if version > SCHEMA_VERSION:
         raise QueueError(f"the database has schema version {version}, newer than this queuectl "
                          f"{__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
-    with immediate(conn):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another may have won
+    if version == 0:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version == 0 and tables - OUR_TABLES:
+        if tables - OUR_TABLES:
             raise QueueError(f"not a queuectl database: it has other tables ({', '.join(sorted(tables))})")
+    return version
+
+
+def migrate(conn):
+    """Bring the schema to SCHEMA_VERSION in one transaction, step by step."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    with immediate(conn):
+        version = check_schema(conn)  # again under the lock: another process may have migrated
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[step]:
                 conn.execute(statement)
@@ -423,6 +465,12 @@ def retry_busy(operation, *args):
         delay_s = min(delay_s * 2, 0.25)
 
 
+def is_corrupt(error):
+    """Whether a sqlite3 error says the file is damaged or not a database at all."""
+    text = str(error)
+    return isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text)
+
+
 def describe_db_error(error, path):
     """A sqlite3 error as one line that names the database and what to do."""
     text = str(error)
@@ -438,7 +486,10 @@ def describe_db_error(error, path):
     if "malformed" in text or "corrupt" in text:
         return f"database '{path}' is corrupt ({text}); restore it from a backup"
     if "unable to open" in text:
-        return f"cannot open database '{path}' ({text}); check its directory exists and is writable"
+        return f"cannot open database '{path}' ({text}); check the permissions of it and its directory"
+    if "disk I/O" in text:
+        return (f"database '{path}': {text}: the disk may be full, a file size limit reached, or the "
+                "disk failing; nothing was changed")
     return f"database '{path}': {text}"
 
 
@@ -523,8 +574,10 @@ def check_env(value):
         if not name or "=" in name or "\0" in name:
             raise UsageError(f"env has a bad variable name {json.dumps(name)}")
         check_text("env", name)
-        if not isinstance(text, str) or "\0" in text:
-            raise UsageError(f"env {name} must be a string without NUL bytes")
+        if not isinstance(text, str):
+            raise UsageError(f"env {json.dumps(name)} must be a string, got {one_line(json.dumps(text), 40)}")
+        if "\0" in text:
+            raise UsageError(f"env {json.dumps(name)} must not contain a NUL byte")
         check_text(f"env {name}", text)
     return value
 
@@ -554,6 +607,8 @@ def job_row(spec, config, now):
         check_text("cwd", cwd)
     delay_s = check_number("delay", spec.get("delay", 0), float, 0)
     run_at = parse_time("run_at", spec["run_at"]) if "run_at" in spec else now + delay_s
+    if run_at > LATEST_TIME:
+        raise UsageError(f"delay must be small enough to end before the year 10000, got {one_line(json.dumps(spec['delay']), 40)}")
     job_id = check_id("id", spec["id"]) if "id" in spec else new_job_id()
     queue = spec.get("queue", "default")
     if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
@@ -1056,11 +1111,15 @@ def register_process(conn, proc_id, kind, supervisor_id, queues, wake_addr=None,
 
 
 def heartbeat(conn, proc_id, now=None):
-    """Say this process is alive; return whether a stop was requested for it."""
+    """Say this process is alive; return whether a stop was requested, or None if our row is gone.
+
+    A row is pruned when its process missed beats for lease_timeout (paused,
+    say); the caller then registers again, so a live process always comes back.
+    """
     now = time.time() if now is None else now
-    conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, proc_id))
-    row = conn.execute("SELECT stop_requested FROM workers WHERE id = ?", (proc_id,)).fetchone()
-    return bool(row and row[0])
+    if not conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, proc_id)).rowcount:
+        return None
+    return bool(conn.execute("SELECT stop_requested FROM workers WHERE id = ?", (proc_id,)).fetchone()[0])
 
 
 def unregister_process(conn, proc_id):
@@ -1371,9 +1430,8 @@ class Worker:
         self.wake_sock = None
         self.conn = connect(self.db_path, durable=False)
         self.config = load_config(self.conn)
-        wake_addr = self.open_wake_socket()
-        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id,
-                   self.queues, wake_addr)
+        self.wake_addr = self.open_wake_socket()
+        self.register()
         self.idle = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
         for source in filter(None, (self.wake_sock, self.signal_r)):
             self.idle.register(source, selectors.EVENT_READ)
@@ -1393,6 +1451,11 @@ class Worker:
             self.conn.close()
         return 0
 
+    def register(self):
+        """Add (or add again) this worker to the registry."""
+        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id,
+                   self.queues, self.wake_addr)
+
     def should_stop(self):
         """Stop claiming when told to, or when the supervisor is gone (we were orphaned)."""
         return self.is_draining or self.is_aborting or os.getppid() != self.parent_pid
@@ -1404,13 +1467,16 @@ class Worker:
             self.config = retry_busy(load_config, self.conn)
             self.next_config = now + self.config["poll_interval"]
         if now >= self.next_beat:
-            if retry_busy(heartbeat, self.conn, self.worker_id):
-                self.is_draining = True
+            stop_requested = retry_busy(heartbeat, self.conn, self.worker_id)
+            if stop_requested is None:
+                self.register()
+            self.is_draining = self.is_draining or bool(stop_requested)
             self.next_beat = now + self.config["lease_timeout"] / 3
 
     def wait_idle(self):
-        """Sleep up to poll_interval, or until an enqueue or a signal wakes us."""
-        for key, _ in self.idle.select(self.config["poll_interval"]):
+        """Sleep up to poll_interval (and never past a heartbeat), or until an enqueue or a signal."""
+        timeout_s = min(self.config["poll_interval"], self.config["lease_timeout"] / 3)
+        for key, _ in self.idle.select(timeout_s):
             drain(key.fileobj)
 
     # -- one job -----------------------------------------------------------
@@ -1495,6 +1561,11 @@ def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot
     """Worker process entry point: plain arguments, so fork, spawn and forkserver all work."""
     try:
         code = Worker(db_path, worker_id, supervisor_id, label, queues, job_pids, slot).run()
+    except sqlite3.DatabaseError as e:
+        if not is_corrupt(e):
+            raise
+        log(f"{label} stopped: {describe_db_error(e, db_path)}")
+        code = WORKER_EXIT_CORRUPT  # replacing us would only run jobs whose results cannot be kept
     except Exception as e:  # the supervisor logs it and replaces us
         log(f"{label} crashed: {e!r}")
         if os.environ.get("QUEUECTL_DEBUG") == "1":
@@ -1529,13 +1600,14 @@ class Supervisor:
         self.restart_at = [0.0] * count
         self.stop_requested = False
         self.pending_signal = None
+        self.fatal_error = None  # set when the database turned out corrupt
 
     def run(self):
         """Supervise until stopped; return the exit code."""
         import multiprocessing.connection
         self.conn = connect(self.db_path, durable=False)
         self.install_signals()
-        retry_busy(register_process, self.conn, self.supervisor_id, "supervisor", None, self.queues)
+        self.register()
         scope = ", ".join(self.queues) or "all queues"
         log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.db_path}")
         self.next_beat = 0.0
@@ -1548,11 +1620,23 @@ class Supervisor:
                 drain(self.signal_r)
                 self.collect_exited()
                 self.maintain()
+        except BaseException:
+            self.stop_workers_now()  # never leave workers behind us
+            raise
         finally:
-            retry_busy(unregister_process, self.conn, self.supervisor_id)
+            try:
+                retry_busy(unregister_process, self.conn, self.supervisor_id)
+            except sqlite3.Error:
+                pass  # a stale row is pruned by the next reader
             self.conn.close()
         log(f"supervisor {os.getpid()} stopped")
+        if self.fatal_error:
+            raise QueueError(self.fatal_error)
         return self.exit_code
+
+    def register(self):
+        """Add (or add again) this supervisor to the registry."""
+        retry_busy(register_process, self.conn, self.supervisor_id, "supervisor", None, self.queues)
 
     # -- signals -----------------------------------------------------------
 
@@ -1609,7 +1693,10 @@ class Supervisor:
                 continue
             process.join()
             del self.workers[slot]
-            if process.exitcode != 0 or not self.is_stopping:
+            if process.exitcode == WORKER_EXIT_CORRUPT:
+                self.fatal_error = f"database '{self.db_path}' is corrupt; restore it from a backup"
+                self.begin_stop("the database is corrupt")
+            elif process.exitcode != 0 or not self.is_stopping:
                 self.recover(slot, process, worker_id)
 
     def recover(self, slot, process, worker_id):
@@ -1634,8 +1721,10 @@ class Supervisor:
         now = time.monotonic()
         if now >= self.next_beat:
             config = retry_busy(load_config, self.conn)
-            if retry_busy(heartbeat, self.conn, self.supervisor_id):
-                self.stop_requested = True
+            stop_requested = retry_busy(heartbeat, self.conn, self.supervisor_id)
+            if stop_requested is None:
+                self.register()
+            self.stop_requested = self.stop_requested or bool(stop_requested)
             for job_id, state in retry_busy(reap_expired_leases, self.conn):
                 log(f"job {job_id} lost its worker (lease expired); it is now {state}")
             self.next_beat = now + min(config["lease_timeout"] / 3, 1.0)
@@ -1688,6 +1777,16 @@ class Supervisor:
                 process.join()
                 self.return_jobs_of(slot, worker_id)
             del self.workers[slot]
+
+    def stop_workers_now(self):
+        """On an unexpected error: abort the workers, then kill what is left."""
+        import signal
+        for process, _ in self.workers.values():
+            kill_process(process.pid, signal.SIGUSR1)
+        for process, _ in self.workers.values():
+            process.join(ABORT_GRACE_S + 2.0)
+            if process.exitcode is None:
+                process.kill()
 
     def return_jobs_of(self, slot, worker_id):
         """Kill a killed worker's job group and put its job back to pending uncounted."""
@@ -1798,6 +1897,8 @@ def parse_json_text(text, what):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise UsageError(f"{what} has a number too long to read") from None
     except RecursionError:
         raise UsageError(f"{what} is nested too deeply") from None
 
@@ -1910,6 +2011,8 @@ def wait_for_supervisor(conn, proc, log_path, timeout_s=10.0):
 def cmd_worker_stop(args):
     """Ask every live supervisor of this database to stop gracefully, and wait for them."""
     import signal
+    if not args.timeout >= 0:  # written so that NaN fails too
+        raise UsageError(f"--timeout must be 0 or more, got {args.timeout}")
     with closing(open_db(args)) as conn:
         supervisors = [p for p in live_processes(conn) if p["kind"] == "supervisor"]
         if not supervisors:
@@ -2081,7 +2184,7 @@ def cmd_purge(args):
 
 def cmd_wait(args):
     """Block until every named job ends: 0 if all completed, 1 if not, 124 on timeout."""
-    if args.timeout is not None and args.timeout < 0:
+    if args.timeout is not None and not args.timeout >= 0:  # written so that NaN fails too
         raise UsageError(f"--timeout must be 0 or more, got {args.timeout}")
     deadline = math.inf if args.timeout is None else time.monotonic() + args.timeout
     with closing(open_db(args)) as conn:
@@ -2332,8 +2435,9 @@ def main(argv=None):
 
 
 def fail(message, exit_code):
-    """Print one error line and return the exit code."""
-    print(f"queuectl: error: {message}", file=sys.stderr)
+    """Print one error line and return the exit code; control characters are escaped."""
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    print(f"queuectl: error: {printable}", file=sys.stderr)
     return exit_code
 
 

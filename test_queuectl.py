@@ -7,13 +7,24 @@ with millisecond backoffs and short poll intervals, and every wait polls to a
 deadline instead of sleeping blindly.
 """
 
+import calendar
+import collections
+import contextlib
 import json
 import os
+import random
+import re
+import resource
+import shlex
+import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -309,7 +320,7 @@ def test_if_absent_skips_existing_ids_and_prints_only_new_ones(db):
     ({"command": "true", "run_at": "tomorrow"}, "run_at must be an ISO-8601 time"),
     ({"command": "true", "delay": -2}, "delay must be at least 0, got -2"),
     ({"command": "true", "delay": 1, "run_at": 0}, "give run_at or delay, not both"),
-    ({"command": "true", "env": {"A": 1}}, "env A must be a string"),
+    ({"command": "true", "env": {"A": 1}}, 'env "A" must be a string, got 1'),
     ({"command": "true", "cwd": 3}, "cwd must be a directory path, got 3"),
     ({"command": "true", "depends_on": "x"}, 'depends_on must be a list of job ids, got "x"'),
     ({"command": "true", "id": "has space"}, 'id must be 1-128 characters'),
@@ -723,3 +734,1712 @@ def test_the_demo_runs_the_whole_story_in_under_20_seconds(tmp_path):
         assert event in result.stdout
     assert "completed   6" in result.stdout and "dead        1" in result.stdout
     assert not list(tmp_path.iterdir())  # it left nothing behind
+
+
+# ---------------------------------------------------------------------------
+# Workers: helpers for real supervisors, their processes and their jobs
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def pool(tmp_path):
+    """start(*argv): `worker start ARGV` in a process group of its own, logging to a file.
+
+    The log goes to a file, not a pipe, so a busy pool never blocks on a full
+    pipe. At teardown every group started is killed, then every job still
+    running in tmp_path (jobs run in the worker's directory, each in a session
+    of its own, so they outlive a killed pool): nothing leaks, even when a
+    test fails half-way.
+    """
+    started = []
+
+    def start(*argv):
+        log_path = tmp_path / f"supervisor-{len(started) + 1}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, SCRIPT, "worker", "start", *map(str, argv)],
+                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        proc.log_path = log_path
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        kill_group(proc.pid)
+        proc.wait(timeout=10)
+    for pid in processes_in(tmp_path):
+        kill_group(os.getpgid(pid))
+
+
+def processes_in(directory):
+    """Pids of other processes whose working directory is directory (Linux /proc), groups apart from ours."""
+    directory, own_group = os.path.realpath(directory), os.getpgid(0)
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/cwd") == directory \
+                    and os.getpgid(int(entry)) != own_group:
+                pids.append(int(entry))
+        except OSError:
+            pass  # gone meanwhile, or not ours to look at
+    return pids
+
+
+def kill_group(pgid, signum=signal.SIGKILL):
+    """Signal a process group that may already be gone."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def log_text(proc):
+    """What a pool() supervisor and its workers logged so far."""
+    return proc.log_path.read_text(errors="replace")
+
+
+def is_running(pid):
+    """Whether pid is a live process; a zombie (dead, not yet reaped by its parent) is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not os.path.isdir("/proc"):
+        return True
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def read_pid(path):
+    """The pid a job wrote to path, or None while the file is missing or not yet written."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def worker_list():
+    """`worker list --json` as a list."""
+    code, out, err = cli("worker", "list", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def pids_of(kind):
+    """The pids `worker list --json` shows for one kind ('supervisor' or 'worker')."""
+    return sorted(p["pid"] for p in worker_list() if p["kind"] == kind)
+
+
+def all_jobs():
+    """Every job, as `list --json --limit 0` prints them."""
+    code, out, err = cli("list", "--json", "--limit", "0")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def job_states():
+    """{state: count} from `status --json`."""
+    return status()["jobs"]
+
+
+def jsonl(*jobs):
+    """Job objects as a JSON Lines text for `enqueue -f -`."""
+    return "".join(json.dumps(job) + "\n" for job in jobs)
+
+
+def enqueue_lines(text):
+    """`enqueue -f -` with text on stdin; return the printed ids."""
+    code, out, err = cli("enqueue", "-f", "-", stdin=text)
+    assert code == 0, err
+    return out.split()
+
+
+def config_set(key, value):
+    """`config set KEY VALUE`, which must succeed."""
+    code, _, err = cli("config", "set", key, value)
+    assert code == 0, err
+
+
+def process_state(pid):
+    """A process's state letter from /proc (R, S, T, Z...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def pause_group(pgid, pids, db_path):
+    """SIGSTOP a process group at a moment none of it holds the database's write lock.
+
+    A process paused inside a write transaction would block every other
+    writer (SQLite's nature, not a queuectl bug); such a pause is undone and
+    tried again, so the tests that pause a pool never depend on that luck.
+    """
+    import sqlite3
+    for _ in range(50):
+        os.killpg(pgid, signal.SIGSTOP)
+        assert wait_until(lambda: all(process_state(pid) == "T" for pid in pids), timeout=5)
+        conn = sqlite3.connect(db_path, timeout=0.05, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.killpg(pgid, signal.SIGCONT)
+            time.sleep(0.01)
+        finally:
+            conn.close()
+    raise AssertionError("the paused group always held the database's write lock")
+
+
+@contextmanager
+def adopting_orphans():
+    """Make this process the reaper of orphaned descendants (Linux), as a prompt init is.
+
+    Yields reap(pid), which waits for an adopted (or own) child to exit and
+    reaps it, so no zombie of it is left for `worker list` to see.
+    """
+    import ctypes
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if libc is not None:
+        assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+
+    def reap(pid, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                return  # not ours (another reaper got it) or already reaped
+            time.sleep(0.01)
+        raise AssertionError(f"process {pid} did not exit within {timeout} s")
+
+    try:
+        yield reap
+    finally:
+        if libc is not None:
+            libc.prctl(pr_set_child_subreaper, 0, 0, 0, 0)
+
+
+# ---------------------------------------------------------------------------
+# Workers: exactly once, and leases
+# ---------------------------------------------------------------------------
+
+def test_four_workers_run_each_of_500_jobs_exactly_once(fast, tmp_path):
+    out = tmp_path / "out.txt"
+    ids = [f"job-{n:03d}" for n in range(500)]
+    command = f'echo "$QUEUECTL_JOB_ID" >> {shlex.quote(str(out))}'
+    assert enqueue_lines(jsonl(*({"id": i, "command": command} for i in ids))) == ids
+
+    burst("--count", "4", timeout=120)
+
+    assert collections.Counter(out.read_text().split()) == collections.Counter(ids)
+    assert job_states()["completed"] == 500 and sum(job_states().values()) == 500
+    assert {(job["state"], job["attempts"]) for job in all_jobs()} == {("completed", 1)}
+
+
+def test_a_job_longer_than_lease_timeout_runs_exactly_once_while_its_worker_lives(fast, tmp_path):
+    config_set("lease_timeout", "1")
+    out = tmp_path / "out.txt"
+    (job_id,) = enqueue("-c", f"echo run >> {shlex.quote(str(out))}; sleep 2.5")
+
+    burst("--count", "2")
+
+    assert out.read_text() == "run\n"
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["exit_code"]) == ("completed", 1, 0)
+
+
+def test_a_job_can_call_queuectl_on_the_same_database_while_it_runs(fast):
+    # A short busy timeout for the job: were a lock held, the inner enqueue would fail fast.
+    inner = f"{shlex.quote(sys.executable)} {shlex.quote(SCRIPT)} enqueue -c 'echo inner ran' --id inner"
+    (outer,) = enqueue(json.dumps({"id": "outer", "command": inner, "max_retries": 0,
+                                   "env": {"QUEUECTL_BUSY_TIMEOUT": "1"}}))
+
+    burst()
+
+    job = show(outer)
+    assert (job["state"], job["attempts"], job["stdout"]) == ("completed", 1, "inner\n"), job
+    job = show("inner")
+    assert (job["state"], job["stdout"]) == ("completed", "inner ran\n")
+
+
+# ---------------------------------------------------------------------------
+# Workers: signals
+# ---------------------------------------------------------------------------
+
+def test_sigterm_lets_the_running_job_finish_stops_claiming_and_exits_0(fast, pool, tmp_path):
+    enqueue("-c", "touch started; sleep 1; echo done", "--id", "running")
+    enqueue("-c", "echo should not run", "--id", "waiting")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: (tmp_path / "started").exists()), log_text(proc)
+
+    os.kill(proc.pid, signal.SIGTERM)
+
+    assert proc.wait(timeout=15) == 0, log_text(proc)
+    job = show("running")
+    assert (job["state"], job["attempts"], job["exit_code"], job["stdout"]) == ("completed", 1, 0, "done\n")
+    job = show("waiting")
+    assert (job["state"], job["attempts"]) == ("pending", 0)
+    assert worker_list() == []
+    assert "Traceback" not in log_text(proc)
+
+
+def test_ctrl_c_at_the_terminal_reaches_the_supervisor_not_the_job_and_the_job_finishes(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", "touch started; sleep 1; echo done")
+    proc = pool("--count", "2")
+    assert wait_until(lambda: (tmp_path / "started").exists()), log_text(proc)
+
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+
+    assert proc.wait(timeout=15) == 0, log_text(proc)
+    job = show(job_id)
+    assert (job["state"], job["exit_code"], job["stdout"]) == ("completed", 0, "done\n")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_ends_the_running_job_returns_it_uncounted_and_exits_at_once(fast, pool, tmp_path, signum):
+    pid_file = tmp_path / "job.pid"
+    path = shlex.quote(str(pid_file))
+    # The first run sleeps (exec: $$ is the sleep itself); the run after the abort finishes.
+    command = f'[ -e {path} ] || {{ echo $$ > {path}; exec sleep 30; }}; echo "attempt $QUEUECTL_ATTEMPT"'
+    (job_id,) = enqueue("-c", command)
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(pid_file)), log_text(proc)
+    job_pid = read_pid(pid_file)
+
+    os.kill(proc.pid, signum)
+    assert wait_until(lambda: "supervisor stopping" in log_text(proc)), log_text(proc)
+    assert show(job_id)["state"] == "processing"  # the first signal waits for the job
+    started = time.monotonic()
+    os.kill(proc.pid, signum)
+    code = proc.wait(timeout=15)
+    took_s = time.monotonic() - started
+
+    assert code == 128 + signum, log_text(proc)
+    assert took_s < 3.0, f"the supervisor took {took_s:.2f} s to exit after the second signal"
+    assert not is_running(job_pid), "the job's sleep 30 outlived the forced shutdown"
+    job = show(job_id)
+    assert (job["state"], job["attempts"]) == ("pending", 0), job
+    assert worker_list() == []
+
+    burst()
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["stdout"]) == ("completed", 1, "attempt 1\n")
+
+
+# ---------------------------------------------------------------------------
+# Workers: crash safety
+# ---------------------------------------------------------------------------
+
+def test_a_job_whose_workers_were_sigkilled_returns_to_the_retry_rules_within_lease_timeout(fast, pool, tmp_path):
+    config_set("lease_timeout", "2")
+    pid_file = tmp_path / "job.pid"
+    (job_id,) = enqueue("-c", f'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then echo $$ > {shlex.quote(str(pid_file))}; exec sleep 30; fi')
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(pid_file)), log_text(proc)
+    assert show(job_id)["state"] == "processing"
+
+    os.killpg(proc.pid, signal.SIGKILL)  # supervisor and workers; the job, in its own session, lives on
+    killed_at = time.monotonic()
+    proc.wait(timeout=10)
+
+    # No worker is alive: the read commands themselves return the job.
+    assert wait_until(lambda: show(job_id)["state"] != "processing", timeout=6)
+    took_s = time.monotonic() - killed_at
+    assert took_s <= 2 + 1.0, f"the job came back {took_s:.2f} s after its worker died (lease_timeout 2)"
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["exit_code"]) == ("failed", 1, None), job
+    assert "worker lost" in job["last_error"]
+    kill_group(read_pid(pid_file))  # the orphaned first run
+
+    burst()
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["exit_code"]) == ("completed", 2, 0)
+
+
+def test_chaos_sigkilled_workers_are_replaced_and_every_job_ends_completed_or_dead(fast, pool, tmp_path):
+    rng = random.Random(20261122)
+    max_retries = 5
+    gate = tmp_path / "gate"
+    short = [{"command": rng.choice(["true", f"sleep 0.0{rng.randint(1, 5)}"]), "max_retries": max_retries}
+             for _ in range(290)]
+    # Last to run (lowest priority), these hold the burst open until the chaos is over.
+    held = [{"command": f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.02; done", "max_retries": max_retries,
+             "priority": -1} for _ in range(10)]
+    ids = enqueue_lines(jsonl(*short, *held))
+    proc = pool("--count", "4", "--burst")
+    assert wait_until(lambda: len(pids_of("worker")) == 4), log_text(proc)
+
+    killed = set()
+    for _ in range(8):
+        victims = wait_until(lambda: sorted(set(pids_of("worker")) - killed), timeout=5)
+        assert victims, log_text(proc)
+        victim = rng.choice(victims)
+        os.kill(victim, signal.SIGKILL)
+        killed.add(victim)
+        time.sleep(rng.uniform(0.05, 0.3))  # let the pool run a little between kills
+    assert proc.poll() is None, "the burst ended before the chaos did"
+    assert wait_until(lambda: len(pids_of("worker")) == 4 and not set(pids_of("worker")) & killed,
+                      timeout=5), log_text(proc)
+    gate.touch()
+
+    assert proc.wait(timeout=60) == 0, log_text(proc)
+    jobs = all_jobs()
+    assert sorted(job["id"] for job in jobs) == sorted(ids)
+    counts = collections.Counter(job["state"] for job in jobs)
+    assert set(counts) <= {"completed", "dead"}, counts
+    for job in jobs:
+        if job["state"] == "dead":
+            assert job["attempts"] == max_retries + 1, job
+        else:
+            assert 1 <= job["attempts"] <= max_retries + 1, job
+    assert any(job["attempts"] > 1 for job in jobs), "no kill hit a running job"
+    assert all(job_states()[state] == 0 for state in ("pending", "processing", "failed"))
+    assert "Traceback" not in log_text(proc)
+
+
+def test_a_worker_process_that_dies_is_replaced_with_a_new_pid(fast, pool):
+    proc = pool("--count", "2")
+    assert wait_until(lambda: len(pids_of("worker")) == 2), log_text(proc)
+    victim, survivor = pids_of("worker")
+
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        pids = pids_of("worker")
+        return len(pids) == 2 and survivor in pids and victim not in pids
+    assert wait_until(replaced, timeout=5), log_text(proc)
+    assert pids_of("supervisor") == [proc.pid]
+    assert proc.poll() is None
+    (job_id,) = enqueue("-c", "true")  # and the new one works
+    assert wait_until(lambda: show(job_id)["state"] == "completed"), log_text(proc)
+
+
+def test_worker_list_never_shows_processes_killed_with_their_group(fast, pool):
+    with adopting_orphans() as reap:
+        proc = pool("--count", "2")
+        assert wait_until(lambda: len(worker_list()) == 3), log_text(proc)
+        pids = [p["pid"] for p in worker_list()]
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:  # as init would: the supervisor is our child, its workers are our orphans
+            reap(pid)
+
+        assert worker_list() == []  # their rows are stale (lease_timeout 30 s) but their pids are gone
+        assert status()["workers"] == []
+
+
+def test_worker_list_does_not_show_killed_processes_still_waiting_to_be_reaped(fast, pool):
+    # A killed process stays a zombie until its parent reaps it: here the
+    # supervisor (this test's child) is; its orphaned workers too, until init
+    # reaps them, which a container's init may do late or never. Dead is dead.
+    proc = pool("--count", "1")
+    assert wait_until(lambda: len(worker_list()) == 2), log_text(proc)
+    pids = [p["pid"] for p in worker_list()]
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(is_running(pid) for pid in pids), timeout=5)
+
+    assert worker_list() == []
+
+
+def test_a_worker_paused_past_its_lease_never_records_over_the_run_that_replaced_it(fast, pool, tmp_path):
+    config_set("lease_timeout", "1")
+    # Run 1 ends (exit 0) while its worker is paused; run 2 waits for the test's go.
+    command = ('echo "attempt $QUEUECTL_ATTEMPT"; if [ "$QUEUECTL_ATTEMPT" = 1 ]; then touch first; sleep 1; '
+               'else touch second; while [ ! -e release ]; do sleep 0.02; done; fi')
+    (job_id,) = enqueue("-c", command)
+    paused = pool("--count", "1")
+    assert wait_until(lambda: (tmp_path / "first").exists()), log_text(paused)
+    pids = [p["pid"] for p in worker_list()]
+
+    pause_group(paused.pid, pids, fast)  # supervisor and worker freeze; their lease runs out
+    try:
+        assert wait_until(lambda: show(job_id)["state"] == "failed", timeout=5)
+        replacing = pool("--count", "1", "--burst")
+        assert wait_until(lambda: (tmp_path / "second").exists()), log_text(replacing)
+    finally:
+        os.killpg(paused.pid, signal.SIGCONT)
+    # The paused worker wakes up with run 1 finished, tries to record it and logs how that went.
+    assert wait_until(lambda: log_text(paused).count(f"job {job_id} ") == 2, timeout=5), log_text(paused)
+    job = show(job_id)
+    assert (job["state"], job["attempts"]) == ("processing", 2), job
+    assert "attempt 1" not in job["stdout"], job
+    (tmp_path / "release").touch()
+
+    assert replacing.wait(timeout=15) == 0, log_text(replacing)
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["stdout"]) == ("completed", 2, "attempt 2\n"), job
+    os.kill(paused.pid, signal.SIGTERM)
+    assert paused.wait(timeout=15) == 0, log_text(paused)
+
+
+def test_a_supervisor_paused_past_lease_timeout_is_listed_and_stoppable_again_once_it_resumes(fast, pool):
+    config_set("lease_timeout", "1")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: len(worker_list()) == 2), log_text(proc)
+    pids = [p["pid"] for p in worker_list()]
+
+    pause_group(proc.pid, pids, fast)  # e.g. a suspended laptop, a paused VM, `kill -STOP`
+    try:
+        assert wait_until(lambda: worker_list() == [], timeout=5)  # silent too long: shown as gone
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+    assert wait_until(lambda: len(worker_list()) == 2, timeout=3), "alive again, but not listed"
+    stopped = run("worker", "stop", "--timeout", "10")
+    assert (stopped.returncode, stopped.stdout) == (0, "stopped 1 supervisor(s)\n"), stopped.stderr
+    assert proc.wait(timeout=5) == 0
+
+
+def test_an_idle_worker_stays_listed_when_poll_interval_exceeds_lease_timeout(fast, pool):
+    config_set("lease_timeout", "1")
+    config_set("poll_interval", "3")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: len(pids_of("worker")) == 1), log_text(proc)
+
+    vanished = wait_until(lambda: not pids_of("worker"), timeout=2.5)
+
+    assert not vanished, "a live idle worker dropped out of `worker list`"
+    assert proc.poll() is None
+
+
+# ---------------------------------------------------------------------------
+# Workers: cancel of a running job
+# ---------------------------------------------------------------------------
+
+def test_cancel_of_a_processing_job_ends_its_whole_process_group_at_once(fast, pool, tmp_path):
+    command = "sleep 30 & echo $! > child.pid; echo $$ > job.pid; wait"
+    (job_id,) = enqueue("-c", command)
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "job.pid")), log_text(proc)
+    pids = [read_pid(tmp_path / "job.pid"), read_pid(tmp_path / "child.pid")]
+
+    code, out, err = cli("cancel", job_id)
+    canceled_at = time.monotonic()
+
+    assert (code, out, err) == (0, f"canceled {job_id} (its process group is being stopped)\n", "")
+    assert wait_until(lambda: not any(is_running(pid) for pid in pids), timeout=0.05 + 5 + 1), log_text(proc)
+    took_s = time.monotonic() - canceled_at
+    assert took_s < 0.05 + 5, f"the job's group outlived the cancel by {took_s:.2f} s"
+    # The worker moves on (the next job runs) and writes nothing over the cancel.
+    (next_id,) = enqueue("-c", "true")
+    assert wait_until(lambda: show(next_id)["state"] == "completed"), log_text(proc)
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["last_error"]) == ("canceled", 1, "canceled by the user"), job
+
+
+def test_cancel_of_a_job_that_ignores_sigterm_kills_it_5_s_later(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", "trap '' TERM; echo $$ > job.pid; sleep 30")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "job.pid")), log_text(proc)
+    job_pid = read_pid(tmp_path / "job.pid")
+
+    assert cli("cancel", job_id)[0] == 0
+    canceled_at = time.monotonic()
+
+    assert not wait_until(lambda: not is_running(job_pid), timeout=4), "SIGKILL came before the 5 s grace"
+    assert wait_until(lambda: not is_running(job_pid), timeout=0.05 + 5 + 1 - 4), log_text(proc)
+    took_s = time.monotonic() - canceled_at
+    assert 4 <= took_s <= 0.05 + 5 + 1
+    assert show(job_id)["state"] == "canceled"
+
+
+# ---------------------------------------------------------------------------
+# Workers: detach, stop, list, start methods
+# ---------------------------------------------------------------------------
+
+def test_detach_prints_the_pid_logs_to_db_log_and_worker_stop_stops_it(fast):
+    result = run("worker", "start", "--detach", "--count", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().isdigit(), result.stdout
+    pid = int(result.stdout)
+    try:
+        assert wait_until(lambda: len(pids_of("worker")) == 2), worker_list()
+        assert pids_of("supervisor") == [pid]
+        assert all(is_running(p["pid"]) for p in worker_list())
+        ids = enqueue_lines(jsonl(*({"command": f"echo {n}"} for n in range(3))))
+        assert wait_until(lambda: all(show(i)["state"] == "completed" for i in ids))
+
+        log_path = fast + ".log"
+        assert os.stat(log_path).st_mode & 0o777 == 0o600
+        with open(log_path) as f:
+            log = f.read()
+        assert f"supervisor {pid} started 2 worker(s)" in log
+        assert all(f"job {i} completed" in log for i in ids), log
+
+        stopped = run("worker", "stop", "--timeout", "10")
+        assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, "stopped 1 supervisor(s)\n", "")
+        assert worker_list() == []
+        assert wait_until(lambda: not is_running(pid), timeout=5)
+    finally:
+        if is_running(pid):
+            kill_group(pid)
+
+
+def test_worker_stop_waits_for_the_running_job_and_records_it(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", "touch started; sleep 1; echo done")
+    proc = pool("--count", "2")
+    assert wait_until(lambda: (tmp_path / "started").exists()), log_text(proc)
+
+    stopped = run("worker", "stop")
+
+    assert (stopped.returncode, stopped.stdout) == (0, "stopped 1 supervisor(s)\n"), stopped.stderr
+    job = show(job_id)  # finished and recorded before stop returned
+    assert (job["state"], job["stdout"]) == ("completed", "done\n")
+    assert proc.wait(timeout=5) == 0
+    assert worker_list() == []
+
+
+def test_worker_stop_with_no_supervisor_says_so_and_exits_0(db):
+    assert cli("worker", "stop") == (0, "no supervisor is running\n", "")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_every_start_method_runs_a_burst_to_completion(fast, method):
+    ids = enqueue_lines(jsonl(*({"command": 'echo "$QUEUECTL_JOB_ID"'} for _ in range(4))))
+
+    burst("--count", "2", "--start-method", method)
+
+    for job_id in ids:
+        job = show(job_id)
+        assert (job["state"], job["stdout"]) == ("completed", job_id + "\n")
+
+# ---------------------------------------------------------------------------
+# Bad input and bad days (every row of the README's failure table)
+# ---------------------------------------------------------------------------
+#
+# Each refusal is checked three ways: the exit code, the whole error line (it
+# names the problem and the value), and a snapshot of every table before and
+# after. The environment tests break the database file on purpose (truncated,
+# overwritten, read-only, locked, full, from the future); the permission tests
+# run the CLI as user nobody, since root ignores file modes.
+
+KNOWN_FIELDS = "id, command, max_retries, timeout, priority, queue, run_at, delay, env, cwd, depends_on"
+KNOWN_KEYS = "max_retries, backoff_base, backoff_max, job_timeout, lease_timeout, poll_interval, output_limit"
+INJECTION = "x'); DROP TABLE jobs;--"
+
+
+# ---------------------------------------------------------------------------
+# Helpers: snapshots, refusals, foreign users
+# ---------------------------------------------------------------------------
+
+def snapshot(db_path):
+    """Every row of every table, read directly: what "nothing changed" compares."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in tables}
+
+
+def integrity(db_path):
+    """PRAGMA integrity_check's first line ('ok' when the file is sound)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+@pytest.fixture
+def seeded(db):
+    """A database holding one pending job 'seed' and a changed config value."""
+    assert cli("enqueue", "-c", "echo seed", "--id", "seed")[0] == 0
+    assert cli("config", "set", "max_retries", "2")[0] == 0
+    return db
+
+
+def refused(*argv, code, stdin=None):
+    """Run a command that must fail: check exit code, one error line, nothing printed,
+    and every table unchanged. Return the error line."""
+    db_path = os.environ["QUEUECTL_DB"]
+    before = snapshot(db_path)
+    got, out, err = cli(*argv, stdin=stdin)
+    line = error_line(err)
+    assert (got, out) == (code, ""), err
+    assert "internal error" not in line
+    assert snapshot(db_path) == before
+    return line
+
+
+def burst_show(job_id, *argv):
+    """Drain the queue with real workers; return the job as `show --json` has it, and the log."""
+    result = burst(*argv)
+    return show(job_id), result.stderr
+
+
+def _can_run_as_nobody(python):
+    try:
+        return subprocess.run([python, "-c", "import sqlite3"], user=65534, group=65534, extra_groups=[],
+                              capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture
+def nobody_dir():
+    """A directory user nobody can enter, with a copy of queuectl.py nobody can read.
+
+    Yields (directory, python): a Python interpreter nobody may run (root's pyenv
+    under /root is closed to it, /usr/bin/python3 usually is not).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the permission tests switch to user nobody, which needs root")
+    python = next((p for p in (sys.executable, "/usr/bin/python3", shutil.which("python3") or "")
+                   if p and _can_run_as_nobody(p)), None)
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody may run")
+    path = tempfile.mkdtemp(prefix="queuectl-nobody-")
+    os.chmod(path, 0o755)
+    shutil.copy(SCRIPT, os.path.join(path, "queuectl.py"))
+    os.chmod(os.path.join(path, "queuectl.py"), 0o644)
+    try:
+        yield path, python
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(where, *argv):
+    """Run queuectl.py in `where` as user nobody; return the CompletedProcess."""
+    path, python = where
+    env = {"PATH": "/usr/bin:/bin", "HOME": path, "LANG": "C.UTF-8"}
+    return subprocess.run([python, "queuectl.py", *argv], cwd=path, user=65534, group=65534, extra_groups=[],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def dir_listing(path):
+    """{name: (mode, owner uid, size)} for every file in a directory."""
+    return {name: (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size)
+            for name in os.listdir(path) for st in [os.stat(os.path.join(path, name))]}
+
+
+# ---------------------------------------------------------------------------
+# Input: JSON that is not a job
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "the job is not valid JSON: Expecting property name enclosed in double quotes at column 2"),
+    ("{'command': 'true'}", "the job is not valid JSON: Expecting property name enclosed in double quotes"),
+    ('{"command": "true",}', "the job is not valid JSON"),
+    ('{"command": "true"} {"command": "x"}', "the job is not valid JSON: Extra data at column 21"),
+    ("", "the job is not valid JSON: Expecting value at column 1"),
+    ("[" * 100_000, "the job is nested too deeply"),
+])
+def test_malformed_json_is_exit_2_and_says_where(seeded, text, message):
+    line = refused("enqueue", text, code=2)
+    assert line.startswith("queuectl: error: " + message)
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("[]", "list []"), ('["true"]', 'list ["true"]'), ('"echo hi"', 'str "echo hi"'), ("5", "int 5"),
+    ("null", "NoneType null"), ("true", "bool true"),
+])
+def test_json_that_is_not_an_object_is_exit_2_naming_what_it_is(seeded, text, kind):
+    line = refused("enqueue", text, code=2)
+    assert line == f"queuectl: error: a job must be a JSON object, got {kind}"
+
+
+def test_a_huge_integer_literal_is_exit_2_not_an_internal_error(seeded):
+    # Python 3.11 refuses to parse int literals of more than 4300 digits with a
+    # ValueError that is not a JSONDecodeError.
+    huge = "9" * 5000
+    line = refused("enqueue", '{"command": "true", "priority": ' + huge + "}", code=2)
+    assert "priority" in line or "number" in line
+    line = refused("enqueue", "-f", "-", stdin='{"command": "true"}\n{"command": "true", "timeout": ' + huge + "}\n",
+                   code=2)
+    assert "line 2" in line
+
+
+# ---------------------------------------------------------------------------
+# Input: every field, wrong type and out of range
+# ---------------------------------------------------------------------------
+
+ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 . _ : @ - starting with a letter or digit, got "
+QUEUE_RULE = "queue must be 1-64 characters of A-Z a-z 0-9 . _ -, got "
+RUN_AT_RULE = "run_at must be an ISO-8601 time like 2026-11-22T09:30:00Z or epoch seconds, got "
+
+BAD_FIELDS = [
+    # id: type, empty, spaces, slashes, non-ASCII, first char, length, boolean
+    ("id", 5, ID_RULE + "5"),
+    ("id", None, ID_RULE + "null"),
+    ("id", True, ID_RULE + "true"),
+    ("id", "", ID_RULE + '""'),
+    ("id", "has space", ID_RULE + '"has space"'),
+    ("id", "a/b", ID_RULE + '"a/b"'),
+    ("id", "../etc", ID_RULE + '"../etc"'),
+    ("id", "caf\u00e9", ID_RULE + '"caf\\u00e9"'),
+    ("id", "\u0662\u0663", ID_RULE + '"\\u0662\\u0663"'),  # Arabic-Indic digits are not 0-9
+    ("id", "job\n", ID_RULE + '"job\\n"'),
+    ("id", "-leading-dash", ID_RULE + '"-leading-dash"'),
+    ("id", "x" * 129, ID_RULE + '"' + "x" * 129 + '"'),
+    # command
+    ("command", 5, "command must be a non-empty string, got 5"),
+    ("command", None, "command must be a non-empty string, got null"),
+    ("command", True, "command must be a non-empty string, got true"),
+    ("command", ["ls", "-l"], 'command must be a non-empty string, got ["ls", "-l"]'),
+    ("command", "", 'command must be a non-empty string, got ""'),
+    ("command", " \t\n", 'command must be a non-empty string, got " \\t\\n"'),
+    # max_retries: int 0-1000
+    ("max_retries", "3", 'max_retries must be a whole number, got "3"'),
+    ("max_retries", 1.5, "max_retries must be a whole number, got 1.5"),
+    ("max_retries", True, "max_retries must be a whole number, got true"),
+    ("max_retries", None, "max_retries must be a whole number, got null"),
+    ("max_retries", -1, "max_retries must be from 0 to 1000, got -1"),
+    ("max_retries", 1001, "max_retries must be from 0 to 1000, got 1001"),
+    ("max_retries", 10 ** 30, f"max_retries must be from 0 to 1000, got {10 ** 30}"),
+    # timeout: number >= 0
+    ("timeout", "10", 'timeout must be a number, got "10"'),
+    ("timeout", True, "timeout must be a number, got true"),
+    ("timeout", False, "timeout must be a number, got false"),
+    ("timeout", None, "timeout must be a number, got null"),
+    ("timeout", -0.5, "timeout must be at least 0, got -0.5"),
+    ("timeout", float("nan"), "timeout must be a number, got NaN"),
+    ("timeout", float("inf"), "timeout must be a number, got Infinity"),
+    # priority: int -1000..1000
+    ("priority", "1", 'priority must be a whole number, got "1"'),
+    ("priority", 0.5, "priority must be a whole number, got 0.5"),
+    ("priority", False, "priority must be a whole number, got false"),
+    ("priority", 1001, "priority must be from -1000 to 1000, got 1001"),
+    ("priority", -1001, "priority must be from -1000 to 1000, got -1001"),
+    # queue
+    ("queue", "", QUEUE_RULE + '""'),
+    ("queue", "a b", QUEUE_RULE + '"a b"'),
+    ("queue", "a/b", QUEUE_RULE + '"a/b"'),
+    ("queue", "q" * 65, QUEUE_RULE + '"' + "q" * 65 + '"'),
+    ("queue", 7, QUEUE_RULE + "7"),
+    ("queue", None, QUEUE_RULE + "null"),
+    ("queue", True, QUEUE_RULE + "true"),
+    # run_at: ISO-8601 or epoch >= 0
+    ("run_at", "tomorrow", RUN_AT_RULE + '"tomorrow"'),
+    ("run_at", "", RUN_AT_RULE + '""'),
+    ("run_at", "2026-13-01T00:00:00", RUN_AT_RULE + '"2026-13-01T00:00:00"'),
+    ("run_at", True, "run_at must be an ISO-8601 time or epoch seconds, got true"),
+    ("run_at", None, "run_at must be an ISO-8601 time or epoch seconds, got null"),
+    ("run_at", [2026, 11, 22], "run_at must be an ISO-8601 time or epoch seconds, got [2026, 11, 22]"),
+    ("run_at", -1, "run_at must be a time from 1970-01-01 to 9999-12-31, got -1"),
+    ("run_at", float("nan"), "run_at must be a time from 1970-01-01 to 9999-12-31, got NaN"),
+    # delay: number >= 0
+    ("delay", "5", 'delay must be a number, got "5"'),
+    ("delay", True, "delay must be a number, got true"),
+    ("delay", None, "delay must be a number, got null"),
+    ("delay", -1, "delay must be at least 0, got -1"),
+    ("delay", float("-inf"), "delay must be a number, got -Infinity"),
+    # env: object string -> string
+    ("env", [], "env must be an object of string values, got []"),
+    ("env", "A=1", 'env must be an object of string values, got "A=1"'),
+    ("env", None, "env must be an object of string values, got null"),
+    ("env", {"A": 1}, 'env "A" must be a string, got 1'),
+    ("env", {"A": None}, 'env "A" must be a string, got null'),
+    ("env", {"A": True}, 'env "A" must be a string, got true'),
+    ("env", {"A=B": "x"}, 'env has a bad variable name "A=B"'),
+    ("env", {"": "x"}, 'env has a bad variable name ""'),
+    ("env", {"A": "x\u0000y"}, 'env "A" must not contain a NUL byte'),
+    # cwd: a path string
+    ("cwd", 5, "cwd must be a directory path, got 5"),
+    ("cwd", "", 'cwd must be a directory path, got ""'),
+    ("cwd", True, "cwd must be a directory path, got true"),
+    ("cwd", ["/tmp"], 'cwd must be a directory path, got ["/tmp"]'),
+    ("cwd", "/tmp\u0000x", 'cwd must be a directory path, got "/tmp\\u0000x"'),
+    # depends_on: list of ids
+    ("depends_on", "seed", 'depends_on must be a list of job ids, got "seed"'),
+    ("depends_on", {"seed": 1}, 'depends_on must be a list of job ids, got {"seed": 1}'),
+    ("depends_on", None, "depends_on must be a list of job ids, got null"),
+    ("depends_on", [1], "depends_on must be 1-128 characters"),
+    ("depends_on", ["has space"], "depends_on must be 1-128 characters"),
+    ("depends_on", [True], "depends_on must be 1-128 characters"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_FIELDS,
+                         ids=[f"{f}={json.dumps(v)[:24]}" for f, v, _ in BAD_FIELDS])
+def test_a_bad_field_is_exit_2_naming_field_and_value(seeded, field, value, message):
+    job = {"command": "true", field: value}
+    line = refused("enqueue", json.dumps(job), code=2)
+    assert line.startswith("queuectl: error: " + message), line
+
+
+@pytest.mark.parametrize("field, value, message", BAD_FIELDS[::3],
+                         ids=[f"{f}={json.dumps(v)[:24]}" for f, v, _ in BAD_FIELDS[::3]])
+def test_a_bad_field_in_a_file_names_its_line_and_adds_no_job_of_the_file(seeded, field, value, message):
+    lines = [{"id": "ok1", "command": "true"}, {"id": "ok2", "command": "true"},
+             {"command": "true", field: value}, {"id": "ok4", "command": "true"}]
+    text = "".join(json.dumps(job) + "\n" for job in lines)
+    line = refused("enqueue", "-f", "-", stdin=text, code=2)
+    assert line.startswith("queuectl: error: line 3: " + message), line
+
+
+@pytest.mark.parametrize("job, message", [
+    ({"command": "true", "retries": 3}, f"unknown field 'retries' (known: {KNOWN_FIELDS})"),
+    ({"command": "true", "Command": "x"}, f"unknown field 'Command' (known: {KNOWN_FIELDS})"),
+    ({"command": "true", "state": "completed"}, f"unknown field 'state' (known: {KNOWN_FIELDS})"),
+    ({"command": "true", "": 1}, f"unknown field '' (known: {KNOWN_FIELDS})"),
+    ({"id": "no-command"}, "command is required"),
+    ({}, "command is required"),
+    ({"command": "true", "delay": 1, "run_at": 0}, "give run_at or delay, not both"),
+])
+def test_unknown_fields_and_missing_or_clashing_ones_are_exit_2(seeded, job, message):
+    assert refused("enqueue", json.dumps(job), code=2) == "queuectl: error: " + message
+
+
+def test_an_empty_command_from_the_flag_is_exit_2(seeded):
+    assert refused("enqueue", "-c", "", code=2) == 'queuectl: error: command must be a non-empty string, got ""'
+
+
+def test_a_command_with_a_nul_byte_is_exit_2(seeded):
+    line = refused("enqueue", json.dumps({"command": "echo a\u0000b"}), code=2)
+    assert line == "queuectl: error: command must not contain a NUL byte"
+
+
+def test_a_one_megabyte_command_is_refused_clearly_with_exit_2(seeded):
+    command = "echo " + "x" * (1024 * 1024)
+    size = len(command)
+    limit = queuectl.MAX_COMMAND_BYTES
+    expected = (f"queuectl: error: command is {size} bytes; the limit is {limit} (one exec argument); "
+                "put a long script in a file and run that")
+    assert refused("enqueue", json.dumps({"command": command}), code=2) == expected
+    assert refused("enqueue", "-f", "-", stdin=json.dumps({"command": command}) + "\n",
+                   code=2) == expected.replace("error: ", "error: line 1: ")
+
+
+def test_a_one_megabyte_command_file_through_a_real_process_is_exit_2(seeded, tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"command": "echo " + "x" * (1024 * 1024)}) + "\n")
+    before = snapshot(seeded)
+    result = run("enqueue", "-f", path)
+    assert result.returncode == 2
+    assert "line 1: command is 1048581 bytes; the limit is" in error_line(result.stderr)
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize("field, value", [("command", "echo \ud800"), ("env", {"\udc80": "x"}),
+                                          ("env", {"A": "\ud83d"}), ("cwd", "/tmp/\udfff")])
+def test_lone_surrogates_are_exit_2_naming_the_field(seeded, field, value):
+    line = refused("enqueue", json.dumps({"command": "true", field: value}), code=2)
+    assert field in line and "Unicode" in line
+
+
+def test_ids_with_quotes_are_refused_and_the_tables_survive(seeded):
+    line = refused("enqueue", json.dumps({"id": INJECTION, "command": "true"}), code=2)
+    assert line == "queuectl: error: " + ID_RULE + json.dumps(INJECTION)
+    assert refused("show", INJECTION, code=1) == f"queuectl: error: job '{INJECTION}' not found"
+    assert refused("cancel", INJECTION, code=1) == f"queuectl: error: job '{INJECTION}' not found"
+    assert refused("config", "get", INJECTION, code=2).startswith(f"queuectl: error: unknown config key '{INJECTION}'")
+    assert refused("list", "--state", "completed') OR 1=1 --", code=2).startswith("queuectl: error: unknown state")
+    code, out, _ = cli("list", "--queue", INJECTION)
+    assert (code, out.strip()) == (0, "no jobs")
+    assert job_count(seeded) == 1
+
+
+# ---------------------------------------------------------------------------
+# Input: files, duplicates, times
+# ---------------------------------------------------------------------------
+
+def test_a_bad_json_line_in_the_middle_of_a_file_adds_nothing(seeded, tmp_path):
+    text = jsonl({"id": "a", "command": "true"}, {"id": "b", "command": "true"}) + \
+        '{"id": "c", "command": \n' + jsonl({"id": "d", "command": "true"})
+    (tmp_path / "jobs.jsonl").write_text(text)
+    line = refused("enqueue", "-f", "jobs.jsonl", code=2)
+    assert line == "queuectl: error: line 3 is not valid JSON: Expecting value at column 24"
+
+
+def test_line_numbers_count_blank_lines(seeded):
+    text = "\n" + jsonl({"command": "true"}) + "   \n\n" + jsonl({"command": "true", "priority": "high"})
+    line = refused("enqueue", "-f", "-", stdin=text, code=2)
+    assert line == 'queuectl: error: line 5: priority must be a whole number, got "high"'
+
+
+def test_a_line_that_is_not_utf8_is_exit_2_naming_it(seeded):
+    data = jsonl({"command": "true"}).encode() + b'{"command": "echo \xff\xfe"}\n'
+    assert refused("enqueue", "-f", "-", stdin=data, code=2) == "queuectl: error: line 2: not UTF-8 text"
+
+
+def test_a_file_that_cannot_be_read_is_exit_2_naming_it(seeded, tmp_path):
+    assert refused("enqueue", "-f", "missing.jsonl", code=2) == \
+        "queuectl: error: cannot read 'missing.jsonl': No such file or directory"
+    assert refused("enqueue", "-f", str(tmp_path), code=2) == f"queuectl: error: cannot read '{tmp_path}': Is a directory"
+
+
+def test_a_duplicate_id_inside_one_file_is_exit_1_naming_the_line(seeded):
+    text = jsonl({"id": "a", "command": "true"}, {"id": "b", "command": "true"}, {"id": "a", "command": "false"})
+    assert refused("enqueue", "-f", "-", stdin=text, code=1) == \
+        "queuectl: error: line 3: job id 'a' appears twice in the input"
+
+
+def test_a_duplicate_of_a_stored_id_is_exit_1_naming_the_line(seeded):
+    text = jsonl({"id": "a", "command": "true"}, {"id": "seed", "command": "false"}, {"id": "c", "command": "true"})
+    assert refused("enqueue", "-f", "-", stdin=text, code=1) == \
+        "queuectl: error: line 2: job 'seed' already exists (--if-absent skips existing ids)"
+    assert refused("enqueue", json.dumps({"id": "seed", "command": "false"}), code=1) == \
+        "queuectl: error: job 'seed' already exists (--if-absent skips existing ids)"
+    assert refused("enqueue", "-c", "false", "--id", "seed", code=1) == \
+        "queuectl: error: job 'seed' already exists (--if-absent skips existing ids)"
+    assert show("seed")["command"] == "echo seed"
+
+
+def test_if_absent_skips_duplicates_and_prints_nothing_for_them(seeded):
+    text = jsonl({"id": "seed", "command": "false"}, {"id": "new", "command": "true"},
+                 {"id": "new", "command": "false"}, {"id": "new2", "command": "true"})
+    code, out, err = cli("enqueue", "-f", "-", "--if-absent", stdin=text)
+    assert (code, out, err) == (0, "new\nnew2\n", "")
+    assert show("seed")["command"] == "echo seed"
+    assert show("new")["command"] == "true"  # the first of the file wins
+    assert job_count(seeded) == 3
+    code, out, err = cli("enqueue", "-f", "-", "--if-absent", stdin=text)
+    assert (code, out, err) == (0, "", "")
+    assert job_count(seeded) == 3
+
+
+def test_if_absent_still_refuses_a_bad_line(seeded):
+    text = jsonl({"id": "new", "command": "true"}, {"id": "seed", "command": 5})
+    assert refused("enqueue", "-f", "-", "--if-absent", stdin=text, code=2) == \
+        "queuectl: error: line 2: command must be a non-empty string, got 5"
+
+
+@pytest.fixture
+def odd_timezone():
+    """Local time three hours behind UTC (TZ as a POSIX rule: no tz database needed)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "QQQ+03"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2031-06-01T12:00:00", time.mktime),  # naive: local time
+    ("2031-06-01 12:00", time.mktime),
+    ("2031-06-01T12:00:00+05:30", calendar.timegm((2031, 6, 1, 6, 30, 0)) * 1.0),
+    ("2031-06-01T12:00:00Z", calendar.timegm((2031, 6, 1, 12, 0, 0)) * 1.0),
+    ("2031-06-01T12:00:00.250z", calendar.timegm((2031, 6, 1, 12, 0, 0)) + 0.25),
+    ("1938000000", 1938000000.0),
+])
+def test_run_at_reads_naive_as_local_and_honours_offsets_and_z(seeded, odd_timezone, text, expected):
+    if expected is time.mktime:
+        expected = time.mktime((2031, 6, 1, 12, 0, 0, 0, 0, -1))
+        assert expected == calendar.timegm((2031, 6, 1, 15, 0, 0))  # the zone is really in force
+    [job_id] = enqueue(json.dumps({"command": "true", "run_at": text}))
+    assert show(job_id)["run_at"] == queuectl.iso(expected)
+    [job_id] = enqueue("-c", "true", "--run-at", text)
+    assert show(job_id)["run_at"] == queuectl.iso(expected)
+
+
+@pytest.mark.parametrize("text", ["next tuesday", "2031-02-30T00:00:00", "12:00", "2031-06-01T25:00:00",
+                                  "2031-06-01T12:00:00+25:00", "nan", "-5", "1e999"])
+def test_an_unparseable_run_at_is_exit_2(seeded, text):
+    line = refused("enqueue", "-c", "true", "--run-at", text, code=2)
+    assert line.startswith("queuectl: error: run_at must be"), line
+    assert text in line or text == "1e999" or text == "nan"
+
+
+@pytest.mark.parametrize("value", [1e300, "9999-12-31T23:59:59Z", 253402300800])
+def test_a_far_future_run_at_is_refused_or_shown_never_an_internal_error(seeded, value):
+    code, _, err = cli("enqueue", json.dumps({"id": "far", "command": "true", "run_at": value}))
+    if code == 2:
+        assert "run_at" in error_line(err)
+        assert job_count(seeded) == 1
+        return
+    assert (code, err) == (0, ""), err
+    for argv in (("show", "far", "--json"), ("show", "far"), ("list", "--json"), ("list",), ("status",)):
+        code, _, err = cli(*argv)
+        assert (code, err) == (0, ""), f"{argv}: {err}"
+
+
+@pytest.mark.parametrize("field", ["timeout", "delay", "run_at", "priority", "max_retries"])
+@pytest.mark.parametrize("value", [2 ** 63, 10 ** 20, 10 ** 400, -(10 ** 400)], ids=["2^63", "1e20", "1e400", "-1e400"])
+def test_huge_integers_in_number_fields_are_refused_or_stored_never_an_internal_error(seeded, field, value):
+    code, out, err = cli("enqueue", json.dumps({"id": "huge", "command": "true", field: value}))
+    if code == 2:
+        assert error_line(err).startswith(f"queuectl: error: {field} must be"), err
+        assert job_count(seeded) == 1
+        return
+    assert (code, out, err) == (0, "huge\n", ""), err
+    for argv in (("show", "huge", "--json"), ("list", "--json")):
+        code, _, err = cli(*argv)
+        assert (code, err) == (0, ""), f"{argv}: {err}"
+
+
+@pytest.mark.parametrize("delay", [1e308, 1e20])
+def test_a_huge_delay_is_refused_or_shown_never_an_internal_error(seeded, delay):
+    code, _, err = cli("enqueue", json.dumps({"id": "late", "command": "true", "delay": delay}))
+    if code == 2:
+        assert "delay" in error_line(err)
+        return
+    assert code == 0, err
+    for argv in (("show", "late", "--json"), ("list", "--json")):
+        code, _, err = cli(*argv)
+        assert (code, err) == (0, ""), f"{argv}: {err}"
+
+
+# ---------------------------------------------------------------------------
+# Input: config, subcommands, arguments
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [("config", "set", "colour", "red"), ("config", "get", "colour"),
+                                  ("config", "set", "MAX_RETRIES", "1"), ("config", "set", "", "1")])
+def test_an_unknown_config_key_is_exit_2_listing_the_known_ones(seeded, argv):
+    assert refused(*argv, code=2) == f"queuectl: error: unknown config key '{argv[2]}' (known: {KNOWN_KEYS})"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_retries", "three", "config max_retries must be a whole number, got 'three'"),
+    ("max_retries", "", "config max_retries must be a whole number, got ''"),
+    ("max_retries", "-1", "config max_retries must be from 0 to 1000, got -1"),
+    ("max_retries", "1e3", "config max_retries must be a whole number, got '1e3'"),
+    ("backoff_base", "-0.5", "config backoff_base must be at least 0, got -0.5"),
+    ("backoff_base", "inf", "config backoff_base must be a number, got Infinity"),
+    ("backoff_max", "-1", "config backoff_max must be at least 0, got -1"),
+    ("backoff_max", "soon", "config backoff_max must be a number, got 'soon'"),
+    ("job_timeout", "-1", "config job_timeout must be at least 0, got -1"),
+    ("job_timeout", "nan", "config job_timeout must be a number, got NaN"),
+    ("lease_timeout", "0", "config lease_timeout must be at least 1, got 0"),
+    ("poll_interval", "-1", "config poll_interval must be greater than 0, got -1"),
+    ("output_limit", "1.5", "config output_limit must be a whole number, got '1.5'"),
+    ("output_limit", "64k", "config output_limit must be a whole number, got '64k'"),
+])
+def test_a_bad_config_value_is_exit_2_naming_key_and_value_and_changes_nothing(seeded, key, value, message):
+    line = refused("config", "set", key, value, code=2)
+    assert line.startswith("queuectl: error: " + message), line
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "the following arguments are required: COMMAND"),
+    (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate'"),
+    (("worker",), "the following arguments are required: ACTION"),
+    (("worker", "begin"), "argument ACTION: invalid choice: 'begin'"),
+    (("dlq",), "the following arguments are required: ACTION"),
+    (("config",), "the following arguments are required: ACTION"),
+    (("config", "set", "max_retries"), "the following arguments are required: value"),
+    (("show",), "the following arguments are required: id"),
+    (("logs",), "the following arguments are required: id"),
+    (("cancel",), "the following arguments are required: ID"),
+    (("retry",), "the following arguments are required: ID"),
+    (("wait",), "the following arguments are required: ID"),
+    (("enqueue",), "give exactly one job source: a JSON argument, -c COMMAND or -f FILE"),
+    (("enqueue", "-c"), "argument -c/--command: expected one argument"),
+    (("enqueue", "-f"), "argument -f/--file: expected one argument"),
+    (("enqueue", "-c", "true", "-f", "x.jsonl"), "give exactly one job source"),
+    (("enqueue", "-c", "true", "--max-retries", "many"), "argument --max-retries: invalid int value: 'many'"),
+    (("enqueue", "-c", "true", "--timeout", "soon"), "argument --timeout: invalid float value: 'soon'"),
+    (("enqueue", "-c", "true", "--delay", "1", "--run-at", "0"), "argument --run-at: not allowed with argument --delay"),
+    (("enqueue", '{"command": "true"}', "--queue", "q"), "--queue goes with -c COMMAND"),
+    (("enqueue", "-c", "true", "--bogus"), "unrecognized arguments: --bogus"),
+    (("--bogus", "status"), "unrecognized arguments: --bogus"),
+    (("status", "extra"), "unrecognized arguments: extra"),
+    (("list", "--limit", "ten"), "argument --limit: invalid int value: 'ten'"),
+    (("list", "--limit", "-1"), "--limit must be 0 (no limit) or more, got -1"),
+    (("list", "--state", "running"), "unknown state 'running'"),
+    (("purge", "--older-than", "soon"), "duration must look like 90s, 15m, 12h or 7d, got 'soon'"),
+    (("purge", "--state", "pending"), "purge deletes only jobs in end states"),
+    (("worker", "start", "--count", "0"), "--count must be from 1 to 256, got 0"),
+    (("worker", "start", "--queue", "a b"), "--queue must be 1-64 characters"),
+    (("wait", "seed", "--timeout", "-1"), "--timeout must be 0 or more, got -1"),
+    (("dlq", "retry"), "give job ids or --all, not both or neither"),
+])
+def test_unknown_subcommands_and_missing_arguments_are_one_line_exit_2(seeded, argv, message):
+    line = refused(*argv, code=2)
+    assert message in line, line
+
+
+@pytest.mark.parametrize("argv, code", [
+    (("enqueue", '{"command": "true", "a\\nb": 1}'), 2),
+    (("enqueue", '{"command": "true", "env": {"A\\nB": 1}}'), 2),
+    (("enqueue", '{"command": "true", "env": {"A\\rB": 5}}'), 2),
+    (("show", "a\nb"), 1),
+    (("cancel", "a\nb"), 1),
+    (("wait", "a\nb"), 1),
+    (("config", "get", "a\nb"), 2),
+    (("config", "set", "max_retries", "1\n2"), 2),
+    (("list", "--state", "a\nb"), 2),
+    (("purge", "--older-than", "1\nx"), 2),
+    (("enqueue", "-f", "no\nfile"), 2),
+    (("worker", "start", "--queue", "a\nb"), 2),
+    (("--db", "/no\nwhere/q.db", "status"), 1),
+], ids=["unknown-field", "env-name", "env-name-cr", "show", "cancel", "wait", "config-get", "config-set", "list-state",
+        "purge-older-than", "enqueue-file", "worker-queue", "db-path"])
+def test_a_newline_in_the_bad_value_still_makes_one_error_line(seeded, argv, code):
+    # The terminal and `2>&1 | tail -1` both need the value escaped, as the JSON errors already do.
+    before = snapshot(seeded)
+    got, out, err = cli(*argv)
+    assert (got, out) == (code, "")
+    assert len(err.splitlines()) == 1 and err.startswith("queuectl: error: "), repr(err)
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize("value", ["nan"])
+def test_wait_with_a_nonsense_timeout_is_exit_2_not_a_hang(seeded, value):
+    before = snapshot(seeded)
+    try:
+        result = run("wait", "seed", "--timeout", value, timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`wait seed --timeout {value}` neither refused the value nor timed out (still waiting after 5 s)")
+    assert result.returncode == 2, result.stderr
+    assert "--timeout" in error_line(result.stderr)
+    assert snapshot(seeded) == before
+
+
+# ---------------------------------------------------------------------------
+# Environment: files that cannot hold a database
+# ---------------------------------------------------------------------------
+
+def test_a_db_in_a_missing_directory_is_exit_1_and_creates_nothing(db, tmp_path):
+    path = tmp_path / "no" / "such" / "q.db"
+    code, out, err = cli("--db", path, "enqueue", "-c", "true")
+    assert (code, out) == (1, "")
+    assert error_line(err) == (f"queuectl: error: cannot create database '{path}': directory "
+                               f"'{path.parent}' does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_directory_as_db_is_exit_1(db, tmp_path):
+    code, out, err = cli("--db", tmp_path, "status")
+    assert (code, out) == (1, "")
+    assert error_line(err) == f"queuectl: error: cannot use database '{tmp_path}': it is a directory"
+
+
+@pytest.mark.parametrize("content", [b"hello, I am a text file\n" * 200, bytes(range(256)) * 64])
+def test_a_file_that_is_not_sqlite_is_exit_1_and_left_byte_for_byte(db, tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    for argv in (("status",), ("enqueue", "-c", "true"), ("worker", "start", "--burst")):
+        code, out, err = cli("--db", path, *argv)
+        assert (code, out) == (1, "")
+        assert error_line(err) == f"queuectl: error: '{path}' is not a SQLite database (file is not a database)"
+    assert path.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def make_foreign_db(path):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        conn.commit()
+
+
+def make_newer_rollback_db(path):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE jobs (id TEXT, future_column TEXT)")
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+
+
+@pytest.mark.parametrize("make, message", [
+    (make_foreign_db, "not a queuectl database: it has other tables (notes)"),
+    (make_newer_rollback_db, "the database has schema version 99, newer than this queuectl"),
+], ids=["another-programs-db", "newer-schema-rollback-journal"])
+def test_a_refused_sqlite_database_is_left_byte_for_byte(db, tmp_path, make, message):
+    path = str(tmp_path / "other.db")
+    make(path)
+    with open(path, "rb") as f:
+        content = f.read()
+    code, out, err = cli("--db", path, "status")
+    assert (code, out) == (1, "")
+    assert message in error_line(err)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "delete", f"the refused database was switched to journal_mode {mode}"
+    with open(path, "rb") as f:
+        assert f.read() == content
+
+
+def test_a_database_with_a_newer_schema_is_refused_and_keeps_its_version(seeded):
+    with contextlib.closing(sqlite3.connect(seeded)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    before = snapshot(seeded)
+    expected = (f"queuectl: error: the database has schema version 99, newer than this queuectl "
+                f"{queuectl.__version__} knows ({queuectl.SCHEMA_VERSION}); use a newer queuectl")
+    for argv in (("status",), ("enqueue", "-c", "true"), ("init",), ("config", "set", "max_retries", "1")):
+        code, out, err = cli(*argv)
+        assert (code, out, error_line(err)) == (1, "", expected)
+    result = run("worker", "start", "--burst", timeout=30)
+    assert (result.returncode, error_line(result.stderr)) == (1, expected)
+    with contextlib.closing(sqlite3.connect(seeded)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 99
+    assert snapshot(seeded) == before
+
+
+def make_db_with_jobs(path, count=300):
+    """A real database with `count` jobs of about 500 bytes, checkpointed into the main file."""
+    text = "".join(json.dumps({"id": f"j{i}", "command": "echo " + "x" * 500}) + "\n" for i in range(count))
+    result = subprocess.run([sys.executable, SCRIPT, "--db", path, "enqueue", "-f", "-"], input=text,
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert len(result.stdout.split()) == count
+    assert not os.path.exists(path + "-wal")  # the last connection checkpointed and removed it
+
+
+def test_a_truncated_database_is_exit_1_one_line_for_every_command(db, tmp_path):
+    path = str(tmp_path / "t.db")
+    make_db_with_jobs(path)
+    os.truncate(path, os.path.getsize(path) // 2)
+    expected = f"queuectl: error: database '{path}' is corrupt (database disk image is malformed); restore it from a backup"
+    for argv in (("status",), ("list",), ("show", "j5"), ("enqueue", "-c", "true"), ("config", "list")):
+        result = run("--db", path, *argv)
+        assert (result.returncode, result.stdout) == (1, ""), (argv, result.stderr)
+        assert error_line(result.stderr) == expected, argv
+    result = run("--db", path, "worker", "start", "--burst", timeout=30)
+    assert (result.returncode, error_line(result.stderr)) == (1, expected)
+
+
+def overwrite_middle(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 8192)
+
+
+def test_a_database_overwritten_in_the_middle_is_reported_corrupt_never_a_traceback(db, tmp_path):
+    path = str(tmp_path / "c.db")
+    make_db_with_jobs(path)
+    overwrite_middle(path)
+    corrupt = f"queuectl: error: database '{path}' is corrupt (database disk image is malformed); restore it from a backup"
+    for argv in (("status",), ("list", "--limit", "0")):  # these read every job
+        result = run("--db", path, *argv)
+        assert (result.returncode, result.stdout) == (1, ""), (argv, result.stderr)
+        assert error_line(result.stderr) == corrupt
+    for argv in (("show", "j5"), ("show", "j150"), ("list",), ("enqueue", "-c", "true"), ("cancel", "j150")):
+        result = run("--db", path, *argv)  # may work when it never touches a broken page
+        assert result.returncode in (0, 1), (argv, result.stderr)
+        if result.returncode:
+            assert error_line(result.stderr) == corrupt
+
+
+def test_workers_on_a_corrupt_database_stop_with_exit_1_instead_of_rerunning_jobs(db, tmp_path):
+    path = str(tmp_path / "c.db")
+    make_db_with_jobs(path)
+    overwrite_middle(path)
+    try:
+        result = subprocess.run([sys.executable, SCRIPT, "--db", path, "worker", "start", "--burst"],
+                                capture_output=True, text=True, timeout=30, check=False)
+        log = result.stderr
+    except subprocess.TimeoutExpired as e:
+        log = (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"worker start --burst on a corrupt database still ran after 30 s: {log[-500:]}")
+    starts = {}
+    for job_id in re.findall(r"job (\S+) started", log):
+        starts[job_id] = starts.get(job_id, 0) + 1
+    crashes = [line for line in log.splitlines() if "crashed" in line]
+    assert max(starts.values(), default=0) <= 1 and len(crashes) <= 1, (
+        f"{len(crashes)} worker crashes; runs per job {starts}; e.g. {crashes[:2]}")
+    assert result.returncode == 1
+    assert log.strip().splitlines()[-1].startswith(f"queuectl: error: database '{path}' is corrupt")
+    assert "Traceback" not in log
+
+
+# ---------------------------------------------------------------------------
+# Environment: permissions (as user nobody), locks, a full disk
+# ---------------------------------------------------------------------------
+
+def make_nobody_db(where, sub, jobs=("one",)):
+    """<where>/<sub>/q.db with jobs, made by root; return its path relative to the directory."""
+    path, _ = where
+    os.makedirs(os.path.join(path, sub))
+    rel = os.path.join(sub, "q.db")
+    for job_id in jobs:
+        result = subprocess.run([sys.executable, SCRIPT, "--db", os.path.join(path, rel), "enqueue", "-c",
+                                 "echo hi", "--id", job_id], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+    return rel
+
+
+def test_a_read_only_database_file_is_refused_before_anything_is_touched(nobody_dir):
+    path, _ = nobody_dir
+    rel = make_nobody_db(nobody_dir, "ro-file")
+    full = os.path.join(path, rel)
+    os.chown(os.path.dirname(full), 65534, 65534)  # nobody may write the directory...
+    os.chown(full, 65534, 65534)
+    os.chmod(full, 0o400)                           # ...but not the file
+    before, files = snapshot(full), dir_listing(os.path.dirname(full))
+    for argv in (("enqueue", "-c", "echo 2", "--id", "two"), ("status", "--json")):
+        result = as_nobody(nobody_dir, "--db", rel, *argv)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert error_line(result.stderr) == (f"queuectl: error: cannot use database '{rel}': this user cannot "
+                                             f"read and write '{rel}'; check its permissions")
+    assert snapshot(full) == before
+    assert dir_listing(os.path.dirname(full)) == files  # no -wal or -shm left to outlive a fix
+
+
+def test_a_failed_enqueue_on_a_read_only_file_leaves_nothing_that_outlives_the_fix(nobody_dir):
+    path, _ = nobody_dir
+    rel = make_nobody_db(nobody_dir, "ro-fix")
+    full = os.path.join(path, rel)
+    os.chown(os.path.dirname(full), 65534, 65534)
+    os.chown(full, 65534, 65534)
+    os.chmod(full, 0o400)
+    files_before = sorted(os.listdir(os.path.dirname(full)))
+    assert as_nobody(nobody_dir, "--db", rel, "enqueue", "-c", "echo 2").returncode == 1
+    left = dir_listing(os.path.dirname(full))
+    os.chmod(full, 0o600)  # the user fixes the mode, as the error told them to
+    result = as_nobody(nobody_dir, "--db", rel, "enqueue", "-c", "echo 2", "--id", "two")
+    assert result.returncode == 0, (f"after chmod 600 the enqueue still fails: {result.stderr.strip()}; "
+                                    f"files before {files_before}, after the failed enqueue "
+                                    f"{ {n: oct(m) for n, (m, _, _) in left.items()} }")
+    assert job_count(full) == 2
+
+
+def test_a_read_only_directory_is_refused_clearly_and_nothing_changes(nobody_dir):
+    path, _ = nobody_dir
+    rel = make_nobody_db(nobody_dir, "ro-dir")
+    full = os.path.join(path, rel)
+    os.chown(full, 65534, 65534)  # nobody owns the file (0600) but not the directory (root, 0755)
+    before, files = snapshot(full), dir_listing(os.path.dirname(full))
+    for argv in (("enqueue", "-c", "echo 2"), ("status", "--json")):
+        result = as_nobody(nobody_dir, "--db", rel, *argv)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert error_line(result.stderr) == (
+            f"queuectl: error: cannot use database '{rel}': directory '{os.path.dirname(full)}' is read-only, "
+            "and SQLite needs to create its -wal and -shm files there")
+    assert snapshot(full) == before
+    assert dir_listing(os.path.dirname(full)) == files
+
+
+def test_a_database_nobody_may_read_is_exit_1_one_line(nobody_dir):
+    rel = make_nobody_db(nobody_dir, "closed")  # root's, 0600: nobody cannot even read it
+    for argv in (("status",), ("enqueue", "-c", "true")):
+        result = as_nobody(nobody_dir, "--db", rel, *argv)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        line = error_line(result.stderr)
+        assert rel in line and ("permission" in line.lower() or "cannot open" in line or "read-only" in line)
+
+
+def test_a_write_lock_held_elsewhere_is_exit_1_locked_after_the_busy_timeout(seeded):
+    before = snapshot(seeded)
+    holder = sqlite3.connect(seeded, isolation_level=None)
+    env = dict(os.environ, QUEUECTL_BUSY_TIMEOUT="0.5")
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE config SET value = '7' WHERE key = 'max_retries'")
+        for argv in (("enqueue", "-f", "-"), ("config", "set", "backoff_max", "9"), ("cancel", "seed")):
+            started = time.monotonic()
+            result = run(*argv, env=env, input=jsonl({"id": "a", "command": "true"}, {"id": "b", "command": "true"}))
+            took = time.monotonic() - started
+            assert (result.returncode, result.stdout) == (1, ""), (argv, result.stderr)
+            assert error_line(result.stderr) == (
+                f"queuectl: error: database '{seeded}' is locked: another process held its write lock for "
+                "more than 0.5 s (database is locked)")
+            assert 0.5 <= took < 4.0, f"{argv} gave up after {took:.2f} s"
+        result = run("status", "--json", env=env)  # readers are not blocked (WAL)
+        assert result.returncode == 0, result.stderr
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert snapshot(seeded) == before
+    assert integrity(seeded) == "ok"
+
+
+def test_a_full_disk_during_an_enqueue_is_exit_1_and_adds_nothing(seeded, tmp_path):
+    text = "".join(json.dumps({"id": f"b{i}", "command": "echo " + "y" * 2000}) + "\n" for i in range(3000))
+    (tmp_path / "big.jsonl").write_text(text)
+    before = snapshot(seeded)
+    limit = os.path.getsize(seeded) + 256 * 1024  # room for the -shm, not for 6 MB of jobs
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, SCRIPT, "enqueue", "-f", "big.jsonl"], capture_output=True,
+                            text=True, timeout=60, preexec_fn=small_files, check=False)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    line = error_line(result.stderr)
+    assert line.startswith(f"queuectl: error: database '{seeded}'") and "disk" in line, line
+    assert snapshot(seeded) == before
+    assert integrity(seeded) == "ok"
+    assert enqueue("-c", "true", "--id", "after")  # the database still works
+    assert job_count(seeded) == 2
+
+
+# ---------------------------------------------------------------------------
+# Jobs that misbehave (real workers)
+# ---------------------------------------------------------------------------
+
+def test_output_that_is_not_utf8_is_kept_with_replacement_characters(fast):
+    enqueue(json.dumps({"id": "bytes", "command": r"printf 'ok \377\376 done'; printf '\300\n' >&2"}))
+    job, _ = burst_show("bytes")
+    assert job["state"] == "completed"
+    assert job["stdout"] == "ok \ufffd\ufffd done"
+    assert job["stderr"] == "\ufffd\n"
+    code, out, _ = cli("logs", "bytes")
+    assert (code, out) == (0, "ok \ufffd\ufffd done")
+
+
+def test_a_background_child_holding_stdout_does_not_keep_the_job_running(fast, tmp_path):
+    pid_file = tmp_path / "bg.pid"
+    enqueue(json.dumps({"id": "bg", "command": f"echo hi; sleep 30 & echo $! > {pid_file}"}))
+    started = time.monotonic()
+    try:
+        job, _ = burst_show("bg")
+        took = time.monotonic() - started
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (job["state"], job["exit_code"], job["stdout"]) == ("completed", 0, "hi\n")
+    assert took < 10, f"the burst took {took:.1f} s"
+
+
+def test_a_job_ignoring_sigterm_is_killed_after_the_grace_and_recorded_as_timed_out(fast):
+    enqueue(json.dumps({"id": "stubborn", "command": "trap '' TERM; sleep 30", "timeout": 0.3,
+                        "max_retries": 0}))
+    started = time.monotonic()
+    job, log = burst_show("stubborn")
+    took = time.monotonic() - started
+    assert job["state"] == "dead"
+    assert job["exit_code"] is None
+    assert job["last_error"] == "timed out after 0.3 s (killed by signal SIGKILL)"
+    assert queuectl.KILL_GRACE_S <= took < queuectl.KILL_GRACE_S + 8
+    assert "timed out after 0.3 s" in log
+
+
+def test_a_job_killed_by_a_signal_has_no_exit_code_and_names_the_signal(fast):
+    enqueue(json.dumps({"id": "killed", "command": "kill -9 $$", "max_retries": 1}))
+    job, log = burst_show("killed")
+    assert (job["state"], job["attempts"], job["exit_code"]) == ("dead", 2, None)
+    assert job["last_error"] == "killed by signal SIGKILL"
+    assert "killed by signal SIGKILL" in log
+
+
+def test_a_command_not_found_records_127(fast):
+    enqueue(json.dumps({"id": "typo", "command": "no-such-command-xyz --flag", "max_retries": 0}))
+    job, _ = burst_show("typo")
+    assert (job["state"], job["exit_code"]) == ("dead", 127)
+    assert job["last_error"] == "exit status 127 (command not found)"
+    assert "no-such-command-xyz" in job["stderr"] and "not found" in job["stderr"]
+
+
+def test_a_cwd_that_does_not_exist_is_a_failed_attempt_with_a_clear_error(fast, tmp_path):
+    missing = str(tmp_path / "gone")
+    enqueue(json.dumps({"id": "nowhere", "command": "true", "cwd": missing, "max_retries": 1}))
+    job, log = burst_show("nowhere")
+    assert (job["state"], job["attempts"], job["exit_code"]) == ("dead", 2, None)
+    assert job["last_error"] == f"cannot start: cwd '{missing}' is not a directory"
+    assert "not a directory" in log
+
+
+def test_output_beyond_the_limit_keeps_the_last_bytes_and_is_marked(fast):
+    assert cli("config", "set", "output_limit", "100")[0] == 0
+    enqueue(json.dumps({"id": "chatty", "command": "seq 1 400; seq 1 400 >&2"}))
+    job, _ = burst_show("chatty")
+    full = "".join(f"{i}\n" for i in range(1, 401))
+    cut = len(full) - 100
+    marker = f"[queuectl: {cut} earlier bytes cut]\n"
+    assert job["stdout"] == marker + full[-100:]
+    assert job["stderr"] == marker + full[-100:]
+    code, out, err = cli("logs", "chatty")
+    assert (code, out) == (0, full[-100:])
+    assert err == f"queuectl: note: {marker.strip()}\n"
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+
+def test_database_wal_shm_and_log_files_are_owner_only_even_with_umask_0(db):
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, SCRIPT, "worker", "start", "--detach"], capture_output=True, text=True,
+                            timeout=30, env=env, preexec_fn=lambda: os.umask(0), check=False)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.strip())
+    try:
+        assert wait_until(lambda: os.path.exists(db + "-wal") and os.path.exists(db + "-shm"), timeout=5)
+        modes = {suffix: stat.S_IMODE(os.stat(db + suffix).st_mode) for suffix in ("", "-wal", "-shm", ".log")}
+        assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".log": 0o600}, {k: oct(v) for k, v in modes.items()}
+    finally:
+        stop = run("worker", "stop", "--timeout", "10")
+        if stop.returncode != 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert stop.returncode == 0, stop.stderr
+
+
+def test_worker_start_refuses_a_database_others_can_write(seeded):
+    os.chmod(seeded, 0o666)
+    before = snapshot(seeded)
+    result = run("worker", "start", "--burst", timeout=30)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert error_line(result.stderr) == (
+        f"queuectl: error: database '{seeded}' is writable by other users (mode -rw-rw-rw-); its jobs run as "
+        f"shell commands, so fix it first: chmod 600 '{seeded}'")
+    assert snapshot(seeded) == before
+    assert show("seed")["state"] == "pending"  # it ran nothing
+
+
+def test_env_values_never_appear_in_the_worker_log(fast):
+    secret = "s3cr3t-Value-4711"
+    enqueue(json.dumps({"id": "ok", "command": 'test -n "$TOKEN"', "env": {"TOKEN": secret}}))
+    enqueue(json.dumps({"id": "bad", "command": 'test -z "$TOKEN"', "env": {"TOKEN": secret}, "max_retries": 1}))
+    result = burst()
+    assert "job ok completed" in result.stderr and "job bad dead" in result.stderr
+    assert secret not in result.stderr and secret not in result.stdout
+    assert show("ok")["env"] == {"TOKEN": secret}  # stored for the job, shown only on request
+
+
+def test_quotes_and_sql_in_commands_and_env_round_trip_unchanged(fast):
+    command = f"printf '%s|%s' \"$PAYLOAD\" '{INJECTION.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'"
+    job = {"id": "inject", "command": command, "env": {"PAYLOAD": INJECTION, "Q'uote": '"; --'}}
+    enqueue(json.dumps(job))
+    stored = show("inject")
+    assert (stored["command"], stored["env"]) == (command, job["env"])
+    stored, _ = burst_show("inject")
+    assert stored["state"] == "completed", stored["last_error"]
+    assert stored["stdout"] == f"{INJECTION}|{INJECTION}"
+    with contextlib.closing(sqlite3.connect(fast)) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "deps", "config", "workers"} <= tables
+    assert integrity(fast) == "ok"
+
+
+# ---------------------------------------------------------------------------
+# Fuzz: mutated jobs and files, in-process
+# ---------------------------------------------------------------------------
+
+WEIRD_VALUES = [None, True, False, 0, -1, 1.5, -0.0, 10 ** 30, -10 ** 30, 1e308, -1e308, 5e-324,
+                float("nan"), float("inf"), float("-inf"), "", " ", "x", "9" * 40, "NaN", "2026-11-22T09:30:00Z",
+                [], [1], ["x"], {}, {"a": 1}, {"A": "b"}, "\u0000", "caf\u00e9", "\U0001F600"]
+HUGE_LITERAL = "<a 5000-digit number>"
+FIELD_POOL = list(queuectl.JOB_FIELDS) + ["bogus", "Command", "state", ""]
+
+
+def random_text(rng, length=None):
+    """Random text from ASCII, Latin, CJK, emoji, controls and lone surrogates."""
+    ranges = [(0x20, 0x7E), (0x0, 0x1F), (0xA0, 0x24F), (0x4E00, 0x4E80), (0x1F600, 0x1F64F), (0xD800, 0xDFFF)]
+    length = rng.randint(0, 12) if length is None else length
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(length))
+
+
+def valid_job(rng, known_ids, serial):
+    job = {"command": rng.choice(["true", "echo hi", "exit 3", "printf '%s' x"])}
+    if rng.random() < 0.6:
+        job["id"] = f"f{serial}"
+    if rng.random() < 0.3:
+        job["max_retries"] = rng.randint(0, 1000)
+    if rng.random() < 0.3:
+        job["timeout"] = rng.choice([0, 0.5, 30, rng.uniform(0, 1e6)])
+    if rng.random() < 0.3:
+        job["priority"] = rng.randint(-1000, 1000)
+    if rng.random() < 0.3:
+        job["queue"] = rng.choice(["default", "emails", "a.b_c-9", "Q" * 64])
+    if rng.random() < 0.2:
+        job["run_at"] = rng.choice(["2030-01-01T00:00:00", "2020-05-05T05:05:05+05:30", "2031-01-01T00:00:00Z",
+                                    1_900_000_000, 0, "1700000000"])
+    elif rng.random() < 0.2:
+        job["delay"] = rng.choice([0, 0.001, 3600])
+    if rng.random() < 0.2:
+        job["env"] = {"A": "1", "LONG_NAME": random_text(rng).replace("\0", "")}
+    if rng.random() < 0.1:
+        job["cwd"] = "/tmp"
+    if rng.random() < 0.2 and known_ids:
+        job["depends_on"] = rng.sample(known_ids, min(len(known_ids), rng.randint(1, 3)))
+    return job
+
+
+def mutate(rng, job, known_ids):
+    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+        action = rng.randrange(7)
+        if action == 0 and job:
+            del job[rng.choice(list(job))]
+        elif action == 1:
+            job[rng.choice(FIELD_POOL)] = rng.choice(WEIRD_VALUES)
+        elif action == 2:
+            job[rng.choice(["id", "command", "queue", "cwd", "run_at"])] = random_text(rng)
+        elif action == 3 and known_ids:
+            job["id"] = rng.choice(known_ids)  # a duplicate of a stored id
+        elif action == 4:
+            job[rng.choice(["priority", "max_retries", "timeout", "delay", "run_at"])] = rng.choice(
+                [10 ** rng.randint(3, 400), -(10 ** rng.randint(3, 400)), 1e300, -1e300, 2 ** 63, -(2 ** 63)]
+                if rng.random() < 0.85 else [HUGE_LITERAL])
+        elif action == 5:
+            job["env"] = {random_text(rng, 3): rng.choice([random_text(rng), 1, None])}
+        else:
+            job["depends_on"] = rng.choice([[random_text(rng)], ["ghost"], [job.get("id", "x")], "x"])
+    return job
+
+
+def job_text(rng, known_ids, serial):
+    """One line of JSON: usually a (mutated) job object, sometimes something broken."""
+    roll = rng.random()
+    if roll < 0.05:
+        return json.dumps(rng.choice([[], 5, "str", None, [{"command": "true"}]]))
+    job = mutate(rng, valid_job(rng, known_ids, serial), known_ids)
+    text = json.dumps(job, ensure_ascii=rng.random() < 0.7)
+    text = text.replace(json.dumps(HUGE_LITERAL), "9" * 5000)  # more digits than Python 3.11 parses
+    if roll > 0.9:
+        cut = rng.randrange(len(text) + 1)
+        text = rng.choice([text[:cut], text[:cut] + rng.choice('{}[]",:\\') + text[cut:], text.replace('"', "'", 1)])
+    return text
+
+
+def test_fuzzed_jobs_and_files_never_crash_never_half_apply(db):
+    rng = random.Random(1234)
+    assert cli("init")[0] == 0
+    known_ids, problems, count = [], [], 0
+    started = time.monotonic()
+    for case in range(200):
+        if rng.random() < 0.4:
+            texts = [job_text(rng, known_ids, f"{case}")]
+            argv, stdin = ["enqueue", texts[0]], None
+        else:
+            texts = [job_text(rng, known_ids, f"{case}-{n}") for n in range(rng.randint(1, 6))]
+            if rng.random() < 0.2:  # an id twice in one file
+                texts.append(texts[0])
+            lines = [t.encode("utf-8", "surrogatepass") for t in texts]
+            if rng.random() < 0.1:
+                lines.insert(rng.randrange(len(lines) + 1), rng.choice([b"", b"   ", b"\t"]))
+            if rng.random() < 0.05:
+                lines.insert(rng.randrange(len(lines) + 1), b'{"command": "\xff"}')
+            argv, stdin = ["enqueue", "-f", "-"], b"\n".join(lines) + rng.choice([b"", b"\n", b"\r\n"])
+        if_absent = rng.random() < 0.15
+        argv += ["--if-absent"] if if_absent else []
+        code, out, err = cli(*argv, stdin=stdin)
+        new_ids = out.split()
+        now_count = job_count(db)
+
+        given = f"{' '.join(argv[:2])} {(stdin or argv[1])!r:.120}"
+        outcome = f"exit {code}, stderr {err.strip()!r:.220}"
+
+        def problem(kind, detail="", case=case, outcome=outcome, given=given):
+            problems.append((kind, f"case {case}: {kind}{detail}: {outcome}; {given}"))
+
+        if code not in (0, 1, 2):
+            problem("exit code not 0/1/2")
+        if "Traceback" in err or "internal error" in err:
+            problem("traceback or internal error")
+        if code != 0:
+            lines_err = err.strip().splitlines()
+            if len(lines_err) != 1 or not lines_err[0].startswith("queuectl: error: "):
+                problem("not exactly one error line")
+            if out:
+                problem("printed ids but failed")
+            if now_count != count:
+                problem("failed but the job count changed", f" {count} -> {now_count}")
+        else:
+            if now_count != count + len(new_ids):
+                problem("ids printed and job count disagree", f": {len(new_ids)} ids, {count} -> {now_count}")
+            expected_lines = 1 if stdin is None else sum(1 for ln in stdin.split(b"\n") if ln.strip())
+            if not if_absent and len(new_ids) != expected_lines:
+                problem("not one id per job", f": {expected_lines} jobs, {len(new_ids)} ids")
+            for job_id in new_ids[:2]:
+                show_code, _, show_err = cli("show", job_id, "--json")
+                if show_code != 0:
+                    problem("show of a new job failed", f" ({job_id}: {show_err.strip()!r:.160})")
+        if integrity(db) != "ok":
+            problem("integrity_check failed")
+        count = now_count
+        known_ids.extend(new_ids)
+    took = time.monotonic() - started
+    for argv in (("list", "--json", "--limit", "0"), ("status", "--json")):
+        code, _, err = cli(*argv)
+        if code != 0:
+            problems.append(("command failed after the fuzz", f"after the fuzz, {argv} failed: {err.strip()!r:.200}"))
+    assert count > 20 and len(known_ids) == count  # the fuzz did enqueue things
+    kinds = {}
+    for kind, text in problems:
+        kinds.setdefault(kind, []).append(text)
+    assert not problems, (f"{len(problems)} problems in {took:.1f} s, of {len(kinds)} kinds:\n" + "\n".join(
+        f"- {kind} ({len(texts)}x), e.g.\n    " + "\n    ".join(texts[:3]) for kind, texts in kinds.items()))
+    assert took < 30  # about 5 s alone; generous for a loaded machine
