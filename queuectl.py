@@ -42,7 +42,7 @@ import re
 import sqlite3
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 __version__ = "1.0.0"
 
@@ -76,6 +76,7 @@ CONFIG_RULES = {
 MAX_COMMAND_BYTES = 128 * 1024 - 1
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this much later (timeout, cancel)
 ABORT_GRACE_S = 1.0  # the same on a forced shutdown (second signal)
+FORCED_SHUTDOWN = "interrupted by a forced shutdown"  # a stop reason that is not counted
 OUTPUT_GRACE_S = 0.2  # read output this long after the job's main process exited
 SUPERVISOR_TICK_S = 0.2  # how often the supervisor looks at its pool and the db
 DEFAULT_BUSY_TIMEOUT_S = 5.0
@@ -140,13 +141,13 @@ _last_id_us = 0
 
 
 def new_job_id():
-    """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2."""
+    """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2c41b."""
     global _last_id_us
     micros = max(time.time_ns() // 1000, _last_id_us + 1)  # strictly increasing here
     _last_id_us = micros
     seconds, micros_part = divmod(micros, 1_000_000)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds))
-    return f"{stamp}-{micros_part:06d}-{os.urandom(2).hex()}"
+    return f"{stamp}-{micros_part:06d}-{os.urandom(4).hex()}"
 
 
 def check_number(field, value, kind, low, low_excluded=False, high=None):
@@ -222,12 +223,12 @@ def parse_duration(text):
     return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
 
 
-def parse_states(text, allowed=STATES):
+def parse_states(text):
     """A comma-separated list of state names, each checked."""
     states = [s.strip() for s in text.split(",") if s.strip()]
     for state in states:
-        if state not in allowed:
-            raise UsageError(f"unknown state '{state}' (choose from {', '.join(allowed)})")
+        if state not in STATES:
+            raise UsageError(f"unknown state '{state}' (choose from {', '.join(STATES)})")
     if not states:
         raise UsageError("--state needs at least one state")
     return states
@@ -295,7 +296,8 @@ SCHEMA_V1 = [
     )
     """,
     # The claim's index: its columns follow the claim's ORDER BY, and it holds
-    # only runnable jobs, so finished jobs never slow the claim down.
+    # only pending and failed jobs whose dependencies are met, so finished jobs
+    # never slow the claim down. (Jobs not yet due are in it too and are skipped.)
     """
     CREATE INDEX jobs_due ON jobs (priority DESC, seq, run_at, queue)
     WHERE state IN ('pending', 'failed') AND deps_left = 0
@@ -736,7 +738,7 @@ SET state = :state,
     stdout_cut = :stdout_cut,
     stderr = :stderr,
     stderr_cut = :stderr_cut,
-    run_at = :run_at,
+    run_at = coalesce(:retry_at, run_at),
     finished_at = :now,
     updated_at = :now,
     worker_id = NULL,
@@ -807,10 +809,10 @@ def backoff_s(attempts, config):
 
 
 def state_after_failure(attempts, max_retries, config, now):
-    """(state, run_at) after a failed run: failed with a backoff, or dead when retries are spent."""
+    """(state, retry_at) after a failed run: failed with a backoff, or dead (retry_at None)."""
     if attempts <= max_retries:
-        return "failed", now + backoff_s(attempts, config)
-    return "dead", now
+        return "failed", min(now + backoff_s(attempts, config), LATEST_TIME)
+    return "dead", None
 
 
 def record_run(conn, job, result, config, now=None):
@@ -828,15 +830,15 @@ def record_run(conn, job, result, config, now=None):
 def write_run(conn, job, result, config, now):
     """record_run's writes, inside a transaction the caller holds."""
     if result.is_success:
-        state, run_at = "completed", now
+        state, retry_at = "completed", None
     else:
-        state, run_at = state_after_failure(job["attempts"], job["max_retries"], config, now)
+        state, retry_at = state_after_failure(job["attempts"], job["max_retries"], config, now)
     written = conn.execute(RECORD_RUN_SQL, {
         "seq": job["seq"], "lease_token": job["lease_token"], "state": state,
         "exit_code": result.exit_code, "last_error": result.error,
         "stdout": result.stdout, "stdout_cut": result.stdout_cut,
         "stderr": result.stderr, "stderr_cut": result.stderr_cut,
-        "run_at": run_at, "now": now}).rowcount
+        "retry_at": retry_at, "now": now}).rowcount
     if not written:
         return None
     settle_dependents(conn, job["id"], state, now)
@@ -882,10 +884,7 @@ def fail_lost_jobs(conn, where_sql, params, reason, now=None):
     with immediate(conn):
         for job in conn.execute(f"SELECT * FROM jobs WHERE state = 'processing' AND {where_sql}",
                                 params).fetchall():
-            job = dict(job)
-            result = RunResult(error=reason, stdout=job["stdout"], stderr=job["stderr"],
-                               stdout_cut=job["stdout_cut"], stderr_cut=job["stderr_cut"])
-            state = write_run(conn, job, result, config, now)
+            state = write_run(conn, dict(job), RunResult(error=reason), config, now)
             settled.append((job["id"], state))
     return settled
 
@@ -904,7 +903,7 @@ def reap_expired_leases(conn, now=None):
                           "worker lost: its lease ran out with no heartbeat", now)
 
 
-def return_job_uncounted(conn, job, reason, now=None):
+def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not counted", now=None):
     """Put an interrupted job back to pending without counting the run (forced shutdown)."""
     now = time.time() if now is None else now
     with immediate(conn):
@@ -946,7 +945,8 @@ def fetch_jobs(conn, ids):
     """The rows of the named jobs, in the order named; an unknown id is an error."""
     jobs = []
     for job_id in dict.fromkeys(ids):
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if JOB_ID_RE.fullmatch(
+            job_id) else None  # an id that breaks the rules cannot exist (and may not even encode)
         if row is None:
             raise QueueError(f"job '{job_id}' not found")
         jobs.append(row)
@@ -978,7 +978,7 @@ def cancel_jobs(conn, ids, now=None):
     return jobs
 
 
-def retry_jobs(conn, ids=None, now=None):
+def retry_jobs(conn, ids=None, states=RETRYABLE_STATES, now=None):
     """Put dead or canceled jobs back to pending with attempts 0 (ids=None: every dead job).
 
     A job whose dependency is dead or canceled is refused: retry that one first.
@@ -991,8 +991,9 @@ def retry_jobs(conn, ids=None, now=None):
         else:
             jobs = fetch_jobs(conn, ids)
         for job in jobs:
-            if job["state"] not in RETRYABLE_STATES:
-                raise QueueError(f"job '{job['id']}' is {job['state']}; only dead or canceled jobs can be retried")
+            if job["state"] not in states:
+                raise QueueError(f"job '{job['id']}' is {job['state']}; only {' or '.join(states)} jobs "
+                                 "can be retried")
             conn.execute("""
                 UPDATE jobs
                 SET state = 'pending', attempts = 0, deps_left = :deps_left,
@@ -1027,7 +1028,9 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
     where = f"state IN ({marks}) AND coalesce(finished_at, updated_at) < ?"
     params = [*states, now - older_than_s if older_than_s is not None else math.inf]
     with immediate(conn):
+        # Both ends: an ended job's edges are settled, and a later job may reuse its id.
         conn.execute(f"DELETE FROM deps WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params)
+        conn.execute(f"DELETE FROM deps WHERE depends_on IN (SELECT id FROM jobs WHERE {where})", params)
         return conn.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
 
 
@@ -1243,6 +1246,7 @@ class CommandRun:
         self.timeout_s = timeout_s
         self.stdout, self.stderr = OutputTail(output_limit), OutputTail(output_limit)
         self.proc = None
+        self.started_at = None
         self.stop_reason = None
         self.kill_at = math.inf
 
@@ -1275,63 +1279,111 @@ class CommandRun:
 
         on_tick() runs every tick_s seconds, and at once when a wake fd is
         readable; it may call stop(). The timeout stops the job the same way.
+        If anything here raises, the job's process group is killed first: a
+        job never outlives the worker's interest in it.
         """
         import selectors
         import signal
-        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
-        selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
+        self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
+        self.selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
         for fd in wake_fds:
-            selector.register(fd, selectors.EVENT_READ, "wake")
-        pidfd = open_pidfd(self.proc.pid)
-        if pidfd is not None:  # readable when the process exits: no polling needed
-            selector.register(pidfd, selectors.EVENT_READ, "exit")
-        deadline = self.started_at + self.timeout_s if self.timeout_s else math.inf
-        next_tick = self.started_at + tick_s
-        exited_at = None
-        open_streams = 2
+            self.selector.register(fd, selectors.EVENT_READ, "wake")
+        self.pidfd = open_pidfd(self.proc.pid)
+        if self.pidfd is not None:  # readable when the process exits: no polling needed
+            self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self.deadline = self.started_at + self.timeout_s if self.timeout_s else math.inf
+        self.next_tick = self.started_at + tick_s
+        self.exited_at = None
         try:
-            while True:
-                now = time.monotonic()
-                if exited_at is None and self.proc.poll() is not None:
-                    exited_at = now
-                    if self.stop_reason is not None:  # stragglers of a stopped job go too
-                        kill_group(self.proc.pid, signal.SIGKILL)
-                if exited_at is not None and (open_streams == 0 or now >= exited_at + OUTPUT_GRACE_S):
-                    break  # a background child may hold the pipes open: don't wait for it
-                if now >= deadline:
-                    self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
-                    deadline = math.inf
-                if now >= self.kill_at:
-                    kill_group(self.proc.pid, signal.SIGKILL)
-                    self.kill_at = math.inf
-                if now >= next_tick:
-                    on_tick()
-                    next_tick = now + tick_s
-                wait_s = min(deadline, self.kill_at, next_tick,
-                             exited_at + OUTPUT_GRACE_S if exited_at is not None else math.inf) - now
-                if pidfd is None and exited_at is None:
-                    wait_s = min(wait_s, 0.05)
-                for key, _ in selector.select(max(wait_s, 0)):
-                    if key.data == "exit":
-                        selector.unregister(key.fileobj)
-                    elif key.data == "wake":
-                        drain(key.fileobj)
-                        next_tick = now
-                    else:
-                        chunk = os.read(key.fd, 65536)
-                        if chunk:
-                            key.data.add(chunk)
-                        else:
-                            selector.unregister(key.fileobj)
-                            open_streams -= 1
+            while not self.is_finished(time.monotonic()):
+                self.act_on_time(time.monotonic(), tick_s, on_tick)
+                self.read_ready(self.selector.select(self.wait_s(time.monotonic())))
+        except BaseException:
+            kill_group(self.proc.pid, signal.SIGKILL)
+            raise
         finally:
-            selector.close()
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-            if pidfd is not None:
-                os.close(pidfd)
+            self.close()
         return self.result(self.proc.wait())
+
+    def is_finished(self, now):
+        """Whether the command exited and its output is read (or its grace is over)."""
+        import signal
+        if self.exited_at is None and self.proc.poll() is not None:
+            self.exited_at = now
+            if self.stop_reason is not None:  # stragglers of a stopped job go too
+                kill_group(self.proc.pid, signal.SIGKILL)
+        if self.exited_at is None:
+            return False
+        if self.open_streams() and now < self.exited_at + OUTPUT_GRACE_S:
+            return False
+        self.drain_streams()  # what is already in the pipes; a background child may keep them open
+        return True
+
+    def act_on_time(self, now, tick_s, on_tick):
+        """The timeout, the SIGKILL after a stop's grace, and the periodic tick."""
+        import signal
+        if now >= self.deadline:
+            self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
+            self.deadline = math.inf
+        if now >= self.kill_at:
+            kill_group(self.proc.pid, signal.SIGKILL)
+            self.kill_at = math.inf
+        if now >= self.next_tick:
+            on_tick()
+            self.next_tick = now + tick_s
+
+    def wait_s(self, now):
+        """How long select() may sleep before the next thing there is to do."""
+        output_grace_at = self.exited_at + OUTPUT_GRACE_S if self.exited_at is not None else math.inf
+        wait_s = min(self.deadline, self.kill_at, self.next_tick, output_grace_at) - now
+        if self.pidfd is None and self.exited_at is None:
+            wait_s = min(wait_s, 0.05)  # no pidfd: poll for the exit
+        return max(wait_s, 0)
+
+    def read_ready(self, events):
+        """Read every ready pipe; note an exit; run the tick now if a wake fd fired."""
+        for key, _ in events:
+            if key.data == "exit":
+                self.selector.unregister(key.fileobj)
+            elif key.data == "wake":
+                drain(key.fileobj)
+                self.next_tick = time.monotonic()
+            elif not self.read_chunk(key):
+                self.selector.unregister(key.fileobj)
+
+    def read_chunk(self, key):
+        """Read one chunk from a ready pipe into its tail; False at end of file."""
+        chunk = os.read(key.fd, 65536)
+        if chunk:
+            key.data.add(chunk)
+        return bool(chunk)
+
+    def open_streams(self):
+        """The selector keys of the pipes still open."""
+        return [key for key in self.selector.get_map().values() if isinstance(key.data, OutputTail)]
+
+    def drain_streams(self):
+        """Read what the pipes hold right now, without waiting for a writer that may never close.
+
+        Bounded: a background child that writes without pause cannot keep us here.
+        """
+        for key in self.open_streams():
+            os.set_blocking(key.fd, False)
+            try:
+                for _ in range(16):  # 16 x 64 KiB: more than a full pipe holds
+                    if not self.read_chunk(key):
+                        break
+            except BlockingIOError:
+                pass
+
+    def close(self):
+        """Close the selector, the pipes and the pidfd."""
+        self.selector.close()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
 
     def result(self, returncode):
         """The RunResult for a process that ended with returncode."""
@@ -1400,6 +1452,7 @@ class Worker:
         # jobs we exec, handlers do not.
         signal.signal(signal.SIGINT, lambda signum, frame: None)
         signal.signal(signal.SIGTERM, self._on_drain)
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)  # the supervisor decides
         signal.signal(signal.SIGUSR1, self._on_abort)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the supervisor blocked them for the fork
 
@@ -1444,6 +1497,8 @@ class Worker:
                                  self.config["lease_timeout"])
                 if job is None:
                     self.wait_idle()
+                elif self.should_stop():  # a stop signal landed during the claim: give it back
+                    retry_busy(return_job_uncounted, self.conn, job, "returned unrun: its worker was stopping")
                 else:
                     self.process(job)
         finally:
@@ -1467,10 +1522,8 @@ class Worker:
             self.config = retry_busy(load_config, self.conn)
             self.next_config = now + self.config["poll_interval"]
         if now >= self.next_beat:
-            stop_requested = retry_busy(heartbeat, self.conn, self.worker_id)
-            if stop_requested is None:
+            if retry_busy(heartbeat, self.conn, self.worker_id) is None:
                 self.register()
-            self.is_draining = self.is_draining or bool(stop_requested)
             self.next_beat = now + self.config["lease_timeout"] / 3
 
     def wait_idle(self):
@@ -1493,7 +1546,7 @@ class Worker:
             result = RunResult(error=spawn_error)
         else:
             self.job_pids[self.slot] = run.proc.pid  # so the supervisor can end it if we die
-            self.lease_renewed_at = time.monotonic()
+            self.lease_renewed_at = self.lease_ok_at = time.monotonic()
             tick_s = min(self.config["poll_interval"], self.config["lease_timeout"] / 3)
             result = run.wait(tick_s, lambda: self.watch(run),
                               [s for s in (self.wake_sock, self.signal_r) if s is not None])
@@ -1513,14 +1566,20 @@ class Worker:
     def watch(self, run):
         """Each tick of a running job: obey signals, renew the lease, notice a cancel."""
         if self.is_aborting:
-            run.stop("interrupted by a forced shutdown", ABORT_GRACE_S)
+            run.stop(FORCED_SHUTDOWN, ABORT_GRACE_S)
             return
         try:
             self.keep_up()
             is_ours = self.renew_or_check()
         except sqlite3.OperationalError as e:
-            log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
-            return  # the lease has time left; the next tick tries again
+            if time.monotonic() - self.lease_ok_at < self.config["lease_timeout"] * 2 / 3:
+                log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
+                return  # the lease has time left; the next tick tries again
+            # Our lease is about to run out and may go to another worker: stop
+            # first, so the job never runs twice at once.
+            log(f"{self.label} job {self.job['id']}: lease cannot be renewed ({e}); stopping the job")
+            run.stop("stopped: its lease could not be renewed", ABORT_GRACE_S)
+            return
         if not is_ours:
             run.stop("canceled, or its lease was taken over", KILL_GRACE_S)
 
@@ -1530,14 +1589,13 @@ class Worker:
         if time.monotonic() - self.lease_renewed_at < lease_s / 3:
             return still_ours(self.conn, self.job)
         is_ours = retry_busy(renew_lease, self.conn, self.job, lease_s)
-        self.lease_renewed_at = time.monotonic()
+        self.lease_renewed_at = self.lease_ok_at = time.monotonic()
         return is_ours
 
     def record(self, job, result):
         """Write the result (fenced by the lease token) and log it."""
-        if result.stop_reason == "interrupted by a forced shutdown":
-            if retry_busy(return_job_uncounted, self.conn, job,
-                          "interrupted by a forced shutdown; this run was not counted"):
+        if result.stop_reason == FORCED_SHUTDOWN:
+            if retry_busy(return_job_uncounted, self.conn, job):
                 log(f"{self.label} job {job['id']} interrupted; returned to pending uncounted")
             return
         state = retry_busy(record_run, self.conn, job, result, self.config)
@@ -1561,16 +1619,15 @@ def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot
     """Worker process entry point: plain arguments, so fork, spawn and forkserver all work."""
     try:
         code = Worker(db_path, worker_id, supervisor_id, label, queues, job_pids, slot).run()
-    except sqlite3.DatabaseError as e:
-        if not is_corrupt(e):
-            raise
-        log(f"{label} stopped: {describe_db_error(e, db_path)}")
-        code = WORKER_EXIT_CORRUPT  # replacing us would only run jobs whose results cannot be kept
-    except Exception as e:  # the supervisor logs it and replaces us
-        log(f"{label} crashed: {e!r}")
+    except Exception as e:  # one log line, never a traceback; the supervisor decides what next
         if os.environ.get("QUEUECTL_DEBUG") == "1":
             raise
-        code = 1
+        if isinstance(e, sqlite3.Error):
+            log(f"{label} stopped: {describe_db_error(e, db_path)}")
+        else:
+            log(f"{label} crashed: {e!r}")
+        # Replacing a worker of a corrupt database would only run jobs whose results cannot be kept.
+        code = WORKER_EXIT_CORRUPT if is_corrupt(e) else 1
     sys.exit(code)
 
 
@@ -1650,6 +1707,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)  # the terminal closed: like SIGTERM
         signal.signal(signal.SIGUSR1, self._on_stop_request)
 
     def _on_signal(self, signum, frame):
@@ -1677,7 +1735,7 @@ class Supervisor:
                 args=(self.db_path, worker_id, self.supervisor_id, label, self.queues, self.job_pids, slot))
             # Block the stop signals across the fork: the child must not run our
             # handlers before it installs its own (it unblocks them then).
-            blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+            blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
             try:
                 process.start()
@@ -1688,12 +1746,16 @@ class Supervisor:
 
     def collect_exited(self):
         """Forget workers that exited; a death while not stopping is logged and its job recovered."""
+        import signal
         for slot, (process, worker_id) in list(self.workers.items()):
             if process.exitcode is None:
                 continue
             process.join()
             del self.workers[slot]
             if process.exitcode == WORKER_EXIT_CORRUPT:
+                job_pid, self.job_pids[slot] = self.job_pids[slot], 0
+                if job_pid:
+                    kill_group(job_pid, signal.SIGKILL)
                 self.fatal_error = f"database '{self.db_path}' is corrupt; restore it from a backup"
                 self.begin_stop("the database is corrupt")
             elif process.exitcode != 0 or not self.is_stopping:
@@ -1793,9 +1855,16 @@ class Supervisor:
         import signal
         if self.job_pids[slot]:
             kill_group(self.job_pids[slot], signal.SIGKILL)
-        for job in self.conn.execute("SELECT seq, lease_token FROM jobs WHERE state = 'processing' "
-                                     "AND worker_id = ?", (worker_id,)).fetchall():
-            retry_busy(return_job_uncounted, self.conn, job, "interrupted by a forced shutdown; not counted")
+        for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
+            retry_busy(return_job_uncounted, self.conn, job)
+
+
+JOBS_OF_WORKER_SQL = """
+SELECT seq, lease_token
+FROM jobs
+WHERE state = 'processing'
+  AND worker_id = :worker_id
+"""
 
 
 def kill_process(pid, signum):
@@ -1835,12 +1904,17 @@ def open_db(args):
 def open_db_reaped(args):
     """A connection for a reading command, after returning jobs of lost workers to the retry rules."""
     conn = open_db(args)
+    reap_if_possible(conn)
+    return conn
+
+
+def reap_if_possible(conn):
+    """Reap expired leases, unless the database is busy or read-only: reading must still work."""
     try:
         reap_expired_leases(conn)
     except sqlite3.OperationalError as e:
-        if "readonly" not in str(e):  # on a read-only database, just show what is there
+        if not (is_busy(e) or "readonly" in str(e)):
             raise
-    return conn
 
 
 # ---------------------------------------------------------------------------
@@ -1851,15 +1925,6 @@ def cmd_init(args):
     """Create the database if missing and say where it is."""
     with closing(open_db(args)):
         print(f"database {os.path.abspath(args.db_path)} is ready (schema {SCHEMA_VERSION})")
-
-
-@contextmanager
-def closing(conn):
-    """Close a connection when the block ends."""
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def read_jobs_input(args):
@@ -2066,7 +2131,7 @@ def cmd_status(args):
         age_s = oldest_runnable_age_s(conn)
     workers = [p for p in processes if p["kind"] == "worker"]
     if args.json:
-        return print_json({"jobs": counts, "workers": processes, "oldest_runnable_age_s": age_s})
+        return print_json({"jobs": counts, "workers": workers, "oldest_runnable_age_s": age_s})
     print_table(("STATE", "JOBS"), list(counts.items()))
     busy = sum(1 for w in workers if w["current_job"])
     supervisors = len(processes) - len(workers)
@@ -2076,12 +2141,17 @@ def cmd_status(args):
 
 def cmd_list(args):
     """Jobs, newest first."""
-    if args.limit < 0:
-        raise UsageError(f"--limit must be 0 (no limit) or more, got {args.limit}")
+    check_limit(args.limit)
     states = parse_states(args.state) if args.state else None
     with closing(open_db_reaped(args)) as conn:
         rows = list_jobs(conn, states, args.queue, args.limit)
     print_jobs(rows, args.json)
+
+
+def check_limit(limit):
+    """--limit: 0 for no limit, else a count SQLite can take."""
+    if not 0 <= limit <= 2**62:
+        raise UsageError(f"--limit must be 0 (no limit) or a positive count, got {limit}")
 
 
 def print_jobs(rows, as_json):
@@ -2137,10 +2207,10 @@ def cmd_retry(args):
     retry_and_report(args, args.ids)
 
 
-def retry_and_report(args, ids):
-    """Retry jobs (ids None: every dead one), wake the workers, and say how many."""
+def retry_and_report(args, ids, states=RETRYABLE_STATES):
+    """Retry jobs (ids None: every dead one), wake the workers, and say what was retried."""
     with closing(open_db(args)) as conn:
-        retried = retry_jobs(conn, ids)
+        retried = retry_jobs(conn, ids, states)
         if retried:
             wake_workers(conn)
     for job_id in retried:
@@ -2151,6 +2221,7 @@ def retry_and_report(args, ids):
 
 def cmd_dlq_list(args):
     """The dead letter queue: every dead job."""
+    check_limit(args.limit)
     with closing(open_db_reaped(args)) as conn:
         rows = list_jobs(conn, ["dead"], None, args.limit)
     print_jobs(rows, args.json)
@@ -2160,12 +2231,7 @@ def cmd_dlq_retry(args):
     """Retry dead jobs by id, or all of them."""
     if bool(args.ids) == args.all:
         raise UsageError("give job ids or --all, not both or neither")
-    if args.ids:
-        with closing(open_db(args)) as conn:
-            for job in fetch_jobs(conn, args.ids):
-                if job["state"] != "dead":
-                    raise QueueError(f"job '{job['id']}' is {job['state']}, not in the dead letter queue")
-    retry_and_report(args, None if args.all else args.ids)
+    retry_and_report(args, None if args.all else args.ids, states=("dead",))
 
 
 def cmd_dlq_purge(args):
@@ -2190,7 +2256,7 @@ def cmd_wait(args):
     with closing(open_db(args)) as conn:
         fetch_jobs(conn, args.ids)  # unknown ids fail now, not after the wait
         while True:
-            reap_expired_leases(conn)
+            reap_if_possible(conn)
             states = {row["id"]: row["state"] for row in fetch_jobs(conn, args.ids)}
             if all(state in END_STATES for state in states.values()):
                 break
@@ -2358,7 +2424,7 @@ def build_parser():
     worker_commands = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
     start = command("start", cmd_worker_start, "run workers under a supervisor", subparsers=worker_commands)
     start.add_argument("--count", type=int, default=1)
-    start.add_argument("--queue", action="append", metavar="Q", help="only these queues (repeatable)")
+    start.add_argument("--queue", nargs="+", action="extend", metavar="Q", help="only these queues")
     start.add_argument("--burst", action="store_true", help="exit once no job is left to run")
     start.add_argument("--detach", action="store_true", help="run in the background, log to <db>.log")
     start.add_argument("--start-method", choices=("fork", "spawn", "forkserver"),
@@ -2414,7 +2480,9 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
         db_path = args.db_path = resolve_db_path(args.db)
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, so a reader that left (| head) is handled below
+        return code
     except QueueError as e:
         return fail(str(e), e.exit_code)
     except sqlite3.Error as e:

@@ -359,7 +359,7 @@ def test_a_job_runs_at_most_max_retries_plus_one_times_then_is_dead():
     config = {"backoff_base": 2, "backoff_max": 3600}
     assert queuectl.state_after_failure(1, 2, config, 100.0) == ("failed", 102.0)
     assert queuectl.state_after_failure(2, 2, config, 100.0) == ("failed", 104.0)
-    assert queuectl.state_after_failure(3, 2, config, 100.0) == ("dead", 100.0)
+    assert queuectl.state_after_failure(3, 2, config, 100.0) == ("dead", None)
 
 
 def test_a_failing_job_is_retried_then_dead_with_its_error(fast):
@@ -616,7 +616,7 @@ def test_dlq_lists_retries_and_purges_dead_jobs(fast):
     assert code == 0 and [job["id"] for job in json.loads(out)] == ["d2", "d1"]
     assert cli("dlq", "retry", "d1") == (0, "retried d1\n", "")
     code, _, err = cli("dlq", "retry", "ok")
-    assert code == 1 and "not in the dead letter queue" in error_line(err)
+    assert code == 1 and "job 'ok' is completed; only dead jobs can be retried" in error_line(err)
     burst()
     assert cli("dlq", "retry", "--all") == (0, "retried d1\nretried d2\nretried 2 job(s)\n", "")
     burst()
@@ -1834,7 +1834,7 @@ def test_a_bad_config_value_is_exit_2_naming_key_and_value_and_changes_nothing(s
     (("--bogus", "status"), "unrecognized arguments: --bogus"),
     (("status", "extra"), "unrecognized arguments: extra"),
     (("list", "--limit", "ten"), "argument --limit: invalid int value: 'ten'"),
-    (("list", "--limit", "-1"), "--limit must be 0 (no limit) or more, got -1"),
+    (("list", "--limit", "-1"), "--limit must be 0 (no limit) or a positive count, got -1"),
     (("list", "--state", "running"), "unknown state 'running'"),
     (("purge", "--older-than", "soon"), "duration must look like 90s, 15m, 12h or 7d, got 'soon'"),
     (("purge", "--state", "pending"), "purge deletes only jobs in end states"),
@@ -2443,3 +2443,65 @@ def test_fuzzed_jobs_and_files_never_crash_never_half_apply(db):
     assert not problems, (f"{len(problems)} problems in {took:.1f} s, of {len(kinds)} kinds:\n" + "\n".join(
         f"- {kind} ({len(texts)}x), e.g.\n    " + "\n    ".join(texts[:3]) for kind, texts in kinds.items()))
     assert took < 30  # about 5 s alone; generous for a loaded machine
+
+
+# ---------------------------------------------------------------------------
+# Review fixes: each pinned by a test
+# ---------------------------------------------------------------------------
+
+def test_a_completed_job_keeps_the_run_at_it_was_scheduled_for(fast):
+    enqueue(json.dumps({"id": "sched", "command": "true", "run_at": 1_000_000_000}))
+    burst()
+    job = show("sched")
+    assert job["state"] == "completed"
+    assert job["run_at"] == "2001-09-09T01:46:40.000Z"
+    assert job["started_at"] >= job["run_at"]
+
+
+def test_status_json_lists_workers_not_supervisors(fast):
+    workers = start_workers("--count", "2")
+    try:
+        assert wait_until(lambda: len(status()["workers"]) == 2)
+        assert {w["kind"] for w in status()["workers"]} == {"worker"}
+    finally:
+        os.killpg(workers.pid, signal.SIGTERM)
+        workers.wait(10)
+
+
+def test_worker_queue_flag_takes_several_queues(fast):
+    for queue in ("a", "b", "c"):
+        enqueue("-c", "true", "--id", f"in-{queue}", "--queue", queue)
+    burst("--queue", "a", "b")
+    assert [show(f"in-{q}")["state"] for q in "abc"] == ["completed", "completed", "pending"]
+
+
+def test_purge_forgets_edges_so_a_reused_id_cannot_release_old_dependents(fast):
+    enqueue("-c", "true", "--id", "a")
+    enqueue("-c", "true", "--id", "d", "--delay", "3600")
+    enqueue(json.dumps({"id": "c", "command": "true", "depends_on": ["a", "d"]}))
+    conn = queuectl.connect(os.environ["QUEUECTL_DB"])
+    try:
+        job = queuectl.claim(conn, "w", queuectl.claim_sql([]), 30)
+        assert job["id"] == "a"
+        assert queuectl.record_run(conn, job, queuectl.RunResult(exit_code=0), queuectl.load_config(conn))
+    finally:
+        conn.close()
+    assert cli("purge", "--state", "completed") == (0, "purged 1 job(s)\n", "")
+    enqueue("-c", "true", "--id", "a")  # the same id again
+    with sqlite3.connect(os.environ["QUEUECTL_DB"]) as conn:
+        assert conn.execute("SELECT count(*) FROM deps WHERE depends_on = 'a'").fetchone()[0] == 0
+        assert conn.execute("SELECT deps_left FROM jobs WHERE id = 'c'").fetchone()[0] == 1
+
+
+def test_an_id_that_breaks_the_rules_is_simply_not_found(db):
+    code, _, err = cli("show", "bad id\udc80")
+    assert code == 1 and "not found" in error_line(err)
+
+
+def test_a_reader_that_leaves_early_gets_no_noise(db):
+    for _ in range(300):
+        enqueue("-c", "true")
+    result = subprocess.run(f"{sys.executable} {SCRIPT} list --json --limit 0 | head -1", shell=True,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.stdout == "[\n"
+    assert result.stderr == ""
