@@ -754,7 +754,7 @@ UPDATE jobs
 SET deps_left = deps_left - 1,
     updated_at = :now
 WHERE id IN (SELECT job_id FROM deps WHERE depends_on = :id)
-  AND state IN ('pending', 'failed')
+  AND +state IN ('pending', 'failed')  -- '+': find dependents by id, never scan by state
 """
 
 CANCEL_DEPENDENTS_SQL = """
@@ -769,7 +769,7 @@ SET state = 'canceled',
     finished_at = :now,
     updated_at = :now
 WHERE id IN doomed
-  AND state IN ('pending', 'failed')
+  AND +state IN ('pending', 'failed')  -- '+': as above
 """
 
 
@@ -1489,6 +1489,8 @@ class Worker:
         for source in filter(None, (self.wake_sock, self.signal_r)):
             self.idle.register(source, selectors.EVENT_READ)
         self.claim_query = claim_sql(self.queues)
+        # QUEUECTL_DB: so a job can call queuectl on this database itself.
+        self.base_env = {**os.environ, "QUEUECTL_DB": os.path.abspath(self.db_path)}
         self.next_beat = self.next_config = time.monotonic()
         try:
             while not self.should_stop():
@@ -1556,9 +1558,9 @@ class Worker:
 
     def job_env(self, job):
         """The worker's environment, the job's env, and QUEUECTL_JOB_ID / _ATTEMPT / _DB."""
-        env = dict(os.environ)
-        env["QUEUECTL_DB"] = os.path.abspath(self.db_path)  # so a job can call queuectl itself
-        env.update(json.loads(job["env"]))
+        env = dict(self.base_env)  # a copy of a plain dict: far cheaper than os.environ per job
+        if job["env"] != "{}":
+            env.update(json.loads(job["env"]))
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
         return env
@@ -1804,11 +1806,10 @@ class Supervisor:
             self.abort(self.pending_signal)
 
     def queue_is_empty(self):
-        """Whether no job of our queues is pending, failed or processing."""
-        sql = "SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed', 'processing')"
-        if self.queues:
-            sql += f" AND queue IN ({', '.join('?' for _ in self.queues)})"
-        return self.conn.execute(sql, self.queues).fetchone()[0] == 0
+        """Whether no job of our queues is pending, failed or processing (stops at the first)."""
+        queue_filter = f"AND queue IN ({', '.join('?' for _ in self.queues)})" if self.queues else ""
+        return self.conn.execute(QUEUE_HAS_WORK_SQL.format(queue_filter=queue_filter),
+                                 self.queues).fetchone() is None
 
     def begin_stop(self, why):
         """Stop claiming: each worker finishes its job, records it and exits."""
@@ -1858,6 +1859,14 @@ class Supervisor:
         for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
             retry_busy(return_job_uncounted, self.conn, job)
 
+
+QUEUE_HAS_WORK_SQL = """
+SELECT 1
+FROM jobs
+WHERE state IN ('pending', 'failed', 'processing')
+  {queue_filter}
+LIMIT 1
+"""
 
 JOBS_OF_WORKER_SQL = """
 SELECT seq, lease_token
@@ -2379,6 +2388,414 @@ def quote(text):
 
 
 # ---------------------------------------------------------------------------
+# CLI: the benchmark
+# ---------------------------------------------------------------------------
+#
+# Every measure runs the real command line (this file under sys.executable) on
+# a temporary database; nothing here asserts a time, it only reports.
+
+BENCH_JOBS = 2000  # (a): `true` jobs through the workers
+BENCH_WORKERS = 2
+BENCH_BARE_S = 3.0  # (a): how long each bare spawn loop runs
+BENCH_BULK_LINES = 100_000  # (b)
+BENCH_STARTS = 15  # (c): runs of each command; the median counts
+BENCH_PICKUPS = 30  # (d)
+BENCH_IDLE_S = 5.0  # (e)
+BENCH_LARGE_JOBS = 1_000_000  # (f)
+BENCH_LARGE_ROUNDS = 3  # (f): bursts on each database, alternately
+BENCH_LARGE_OUTPUT = 1_000_000_000  # (g): bytes the job writes to stdout
+
+# W copies of this run side by side for (a)'s baseline: a process that only
+# spawns `/bin/sh -c true` and waits, as fast as it can. argv: seconds, start time.
+BARE_SPAWN_LOOP = """
+import subprocess, sys, time
+time.sleep(max(float(sys.argv[2]) - time.time(), 0))
+start = time.monotonic()
+end, count = start + float(sys.argv[1]), 0
+while time.monotonic() < end:
+    subprocess.run(["/bin/sh", "-c", "true"])
+    count += 1
+print(count / (time.monotonic() - start))
+"""
+
+
+def cmd_bench(args):
+    """Measure throughput, enqueue, startup, pickup, idle CPU (and, with --large, scale and memory)."""
+    import tempfile
+    print(machine_description() + "\n", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="queuectl-bench-") as tmp:
+        bench = Bench(tmp)
+        measures = [("a", bench.throughput), ("b", bench.bulk_enqueue), ("c", bench.startup),
+                    ("d, e", bench.pickup_and_idle)]
+        if args.large:
+            measures += [("f", bench.large_database), ("g", bench.large_output)]
+        for keys, measure in measures:
+            print(f"bench: measuring ({keys})", file=sys.stderr, flush=True)
+            rows += measure()
+    print_table(("", "MEASURE", "RESULT", "TARGET", "MET?"), rows)
+    if not args.large:
+        print("\n(f) and (g) need --large (a few minutes)")
+
+
+def machine_description():
+    """One line: cores, CPU model, OS, Python and SQLite versions."""
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"machine: {os.cpu_count()} cores, {model}; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; SQLite {sqlite3.sqlite_version}")
+
+
+def bench_row(key, measure, result, target, met):
+    """A table row; met is True, False or None (not measured here)."""
+    return (key, measure, result, target, {True: "yes", False: "NO", None: "-"}[met])
+
+
+def median(values):
+    """The middle value (the mean of the two middle ones for an even count)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def percentile(values, fraction):
+    """The value below which `fraction` of values lie (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(max(math.ceil(fraction * len(ordered)) - 1, 0), len(ordered) - 1)]
+
+
+class Bench:
+    """The measures of `queuectl bench`, each on its own database in one temporary directory."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.script = os.path.abspath(__file__)
+
+    # -- running the real command line --------------------------------------
+
+    def db(self, name):
+        """A fresh database path in the temporary directory."""
+        return os.path.join(self.tmp, name + ".db")
+
+    def cli(self, db, *argv, timeout=600):
+        """Run `queuectl --db DB ARGV` as a real process; a failure or a hang is a QueueError."""
+        import subprocess
+        try:
+            subprocess.run([sys.executable, self.script, "--db", db, *argv], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.CalledProcessError as e:
+            raise QueueError(f"bench: `queuectl {' '.join(argv)}` failed (exit {e.returncode}): "
+                             f"{one_line(e.stderr.decode(errors='replace'))}") from None
+        except subprocess.TimeoutExpired:
+            raise QueueError(f"bench: `queuectl {' '.join(argv)}` still ran after {seconds_text(timeout)}") from None
+
+    def enqueue_file(self, db, count, command="true"):
+        """Enqueue `count` copies of one command through `enqueue -f`; the seconds it took."""
+        path = os.path.join(self.tmp, f"jobs-{count}.jsonl")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write((json.dumps({"command": command}) + "\n") * count)
+        started = time.perf_counter()
+        self.cli(db, "enqueue", "-f", path)
+        return time.perf_counter() - started
+
+    def start_pool(self, db, count):
+        """Start `worker start --count N` (not burst) and wait until its workers listen; the process."""
+        import subprocess
+        pool = subprocess.Popen([sys.executable, self.script, "--db", db, "worker", "start", "--count", str(count)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with closing(connect(db, durable=False)) as conn:
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT count(*) FROM workers WHERE kind = 'worker'").fetchone()[0] < count:
+                if pool.poll() is not None or time.monotonic() > deadline:
+                    raise QueueError(f"bench: the worker pool did not start (exit {pool.poll()})")
+                time.sleep(0.02)
+            pids = [row[0] for row in conn.execute("SELECT pid FROM workers WHERE kind = 'worker'")]
+        return pool, pids
+
+    def stop_pool(self, pool):
+        """Stop a pool gracefully (SIGTERM drains) and wait for it; kill it if it hangs."""
+        import signal
+        import subprocess
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+
+    # -- (a) throughput ------------------------------------------------------
+
+    def throughput(self):
+        """(a) BENCH_JOBS `true` jobs through W workers, next to W bare spawn loops."""
+        bare_before = self.bare_spawn_rate(BENCH_WORKERS)
+        rate = self.burst_rate(self.db("throughput"), BENCH_JOBS, BENCH_WORKERS)
+        bare = (bare_before + self.bare_spawn_rate(BENCH_WORKERS)) / 2  # before and after: drift evens out
+        ratio = rate / bare
+        return [bench_row("a", f"{BENCH_JOBS} x `true`, {BENCH_WORKERS} workers, vs bare spawn loops",
+                          f"{rate:.0f} vs {bare:.0f} jobs/s: {ratio:.2f}", "≥ 0.90", ratio >= 0.90)]
+
+    def bare_spawn_rate(self, processes):
+        """Spawns per second of `processes` loops of subprocess.run(['/bin/sh', '-c', 'true'])."""
+        import subprocess
+        start_at = str(time.time() + 0.5)  # all loops begin together, after their startup
+        loops = [subprocess.Popen([sys.executable, "-c", BARE_SPAWN_LOOP, str(BENCH_BARE_S), start_at],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+        return sum(float(loop.communicate(timeout=60)[0]) for loop in loops)
+
+    def burst_rate(self, db, jobs, workers):
+        """Enqueue `jobs` x `true`, run a burst; jobs/s from the first start to the last finish.
+
+        Timed from the database, so the supervisor's and workers' startup is
+        not counted, only the pool at work.
+        """
+        with closing(connect(db)) as conn:
+            before = conn.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0]
+        self.enqueue_file(db, jobs)
+        self.cli(db, "worker", "start", "--count", str(workers), "--burst")
+        with closing(connect(db)) as conn:
+            first, last, done = conn.execute(
+                "SELECT min(started_at), max(finished_at), count(*) FROM jobs WHERE seq > ? AND state = 'completed'",
+                (before,)).fetchone()
+        if done != jobs:
+            raise QueueError(f"bench: only {done} of {jobs} jobs completed")
+        return done / (last - first)
+
+    # -- (b) bulk enqueue ------------------------------------------------------
+
+    def bulk_enqueue(self):
+        """(b) BENCH_BULK_LINES lines through one `enqueue -f` process, startup included."""
+        seconds = self.enqueue_file(self.db("bulk"), BENCH_BULK_LINES)
+        rate = BENCH_BULK_LINES / seconds
+        return [bench_row("b", f"enqueue -f, {BENCH_BULK_LINES:,} lines", f"{rate:,.0f} jobs/s ({seconds:.2f} s)",
+                          "≥ 100,000 jobs/s", rate >= 100_000)]
+
+    # -- (c) startup -----------------------------------------------------------
+
+    def startup(self):
+        """(c) wall time of one `enqueue -c true` next to `python3 -c pass`, medians of alternate runs."""
+        import subprocess
+        db = self.db("startup")
+        self.cli(db, "init")
+        commands = {"enqueue": [sys.executable, self.script, "--db", db, "enqueue", "-c", "true"],
+                    "pass": [sys.executable, "-c", "pass"]}
+        times = {name: [] for name in commands}
+        for _ in range(BENCH_STARTS):
+            for name, argv in commands.items():
+                started = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=60)
+                times[name].append(time.perf_counter() - started)
+        enqueue_s, pass_s = median(times["enqueue"]), median(times["pass"])
+        ratio = enqueue_s / pass_s
+        return [bench_row("c", "one `enqueue -c true` vs `python3 -c pass`",
+                          f"{enqueue_s * 1000:.0f} vs {pass_s * 1000:.0f} ms: {ratio:.2f}x", "≤ 1.5x", ratio <= 1.5)]
+
+    # -- (d) pickup latency and (e) idle CPU -------------------------------------
+
+    def pickup_and_idle(self):
+        """(d) and (e) on one idle pool of W workers."""
+        db = self.db("pickup")
+        self.cli(db, "init")
+        pool, pids = self.start_pool(db, BENCH_WORKERS)
+        try:
+            time.sleep(0.5)  # let the workers settle into their idle wait
+            latencies = self.pickup_latencies(db)
+            idle = max(self.idle_cpu(pids))
+        finally:
+            self.stop_pool(pool)
+        return [self.pickup_row(latencies), self.idle_row(idle)]
+
+    def pickup_latencies(self, db):
+        """Seconds from each enqueue's commit to its command reading the clock, BENCH_PICKUPS times."""
+        import random
+        if not clock_command_works():
+            return None
+        latencies = []
+        for i in range(BENCH_PICKUPS):
+            stamp = os.path.join(self.tmp, f"pickup-{i}")
+            committed = enqueue_like_the_cli(db, f"date +%s.%N > {stamp}")
+            latencies.append(read_stamp(stamp) - committed)
+            time.sleep(random.uniform(0.05, 0.2))  # the workers go back to their idle wait
+        return latencies
+
+    def pickup_row(self, latencies):
+        """(d)'s row: p50 and p95 against 10 and 50 ms."""
+        target = "p50 ≤ 10 ms, p95 ≤ 50 ms"
+        if latencies is None:
+            return bench_row("d", "pickup latency, idle workers", "n/a: no `date +%s.%N` here", target, None)
+        p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
+        return bench_row("d", f"pickup latency, commit -> command starts ({len(latencies)} jobs)",
+                         f"p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms", target, p50 <= 0.010 and p95 <= 0.050)
+
+    def idle_cpu(self, pids):
+        """The share of a core each idle worker used over BENCH_IDLE_S seconds, or None off Linux."""
+        before = [process_cpu_s(pid) for pid in pids]
+        started = time.monotonic()
+        time.sleep(BENCH_IDLE_S)
+        elapsed = time.monotonic() - started
+        after = [process_cpu_s(pid) for pid in pids]
+        if None in before or None in after:
+            return [None]
+        return [(b - a) / elapsed for a, b in zip(before, after)]
+
+    def idle_row(self, share):
+        """(e)'s row: the busiest idle worker's CPU against 1% of a core."""
+        if share is None:
+            return bench_row("e", "CPU of an idle worker", "n/a: no /proc here", "≤ 1% of a core", None)
+        return bench_row("e", f"CPU of an idle worker over {BENCH_IDLE_S:.0f} s", f"{share * 100:.2f}% of a core",
+                         "≤ 1% of a core", share <= 0.01)
+
+    # -- (f) a large database ----------------------------------------------------
+
+    def large_database(self):
+        """(f) status time, claim throughput and bytes per job with BENCH_LARGE_JOBS finished jobs."""
+        large, empty = self.db("large"), self.db("small")
+        self.cli(large, "init")
+        self.cli(empty, "init")
+        fill_finished_jobs(large, BENCH_LARGE_JOBS)
+        bytes_per_job = sum(os.path.getsize(large + suffix) for suffix in ("", "-wal")
+                            if os.path.exists(large + suffix)) / BENCH_LARGE_JOBS
+        status_s = median([self.timed_cli(large, "status") for _ in range(3)])
+        empty_status_s = median([self.timed_cli(empty, "status") for _ in range(3)])
+        empty_rates, large_rates = [], []
+        for _ in range(BENCH_LARGE_ROUNDS):  # alternate, so a busy moment hits both sides
+            empty_rates.append(self.burst_rate(empty, BENCH_JOBS // 2, BENCH_WORKERS))
+            large_rates.append(self.burst_rate(large, BENCH_JOBS // 2, BENCH_WORKERS))
+        empty_rate, large_rate = median(empty_rates), median(large_rates)
+        ratio = large_rate / empty_rate
+        return [
+            bench_row("f", f"`status` with {BENCH_LARGE_JOBS:,} finished jobs",
+                      f"{status_s * 1000:.0f} ms (empty: {empty_status_s * 1000:.0f} ms)", "≤ 200 ms", status_s <= 0.200),
+            bench_row("f", "claim throughput there vs an empty database",
+                      f"{large_rate:.0f} vs {empty_rate:.0f} jobs/s: {ratio:.2f}", "≥ 0.8", ratio >= 0.8),
+            bench_row("f", "bytes on disk per finished job", f"{bytes_per_job:.0f} B", "report", None),
+        ]
+
+    def timed_cli(self, db, *argv):
+        """Seconds one CLI command takes, startup included."""
+        started = time.perf_counter()
+        self.cli(db, *argv)
+        return time.perf_counter() - started
+
+    # -- (g) a job with a huge output ------------------------------------------------
+
+    def large_output(self):
+        """(g) peak RSS of the worker running a job that writes BENCH_LARGE_OUTPUT bytes to stdout."""
+        db = self.db("output")
+        self.cli(db, "enqueue", "-c", f"head -c {BENCH_LARGE_OUTPUT} /dev/zero")
+        pool, pids = self.start_pool(db, 1)
+        try:
+            with closing(connect(db, durable=False)) as conn:
+                while job_state_of_only_job(conn) in ("pending", "processing"):
+                    time.sleep(0.1)
+            peak = peak_rss_bytes(pids[0])  # the worker is still alive: read its high-water mark
+        finally:
+            self.stop_pool(pool)
+        gigabytes = BENCH_LARGE_OUTPUT / 1e9
+        if peak is None:
+            return [bench_row("g", f"peak RSS, job writing {gigabytes:g} GB", "n/a: no /proc here", "≤ 64 MB", None)]
+        return [bench_row("g", f"peak RSS of a worker whose job writes {gigabytes:g} GB",
+                          f"{peak / 2**20:.1f} MB", "≤ 64 MB", peak <= 64 * 2**20)]
+
+
+def enqueue_like_the_cli(db, command):
+    """Enqueue one job the way `enqueue -c` does, in this process; the time its commit returned."""
+    with closing(connect(db)) as conn:
+        enqueue_rows(conn, [job_row({"command": command}, load_config(conn), time.time())])
+        committed = time.time()
+        wake_workers(conn)
+    return committed
+
+
+def clock_command_works():
+    """Whether `date +%s.%N` prints epoch seconds with nanoseconds here (GNU date)."""
+    import subprocess
+    try:
+        out = subprocess.run(["/bin/sh", "-c", "date +%s.%N"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+        return "." in out and out.strip().replace(".", "").isdigit()
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def read_stamp(path, timeout_s=30.0):
+    """The epoch seconds a job wrote to path, waiting for it to appear."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                text = f.read()
+            if text.endswith("\n"):
+                return float(text)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.001)
+    raise QueueError(f"bench: no job wrote {path} within {seconds_text(timeout_s)}")
+
+
+def process_cpu_s(pid):
+    """CPU seconds (user + system) a process used so far, from /proc; None where there is none."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:  # nanoseconds on a CPU: finer than clock ticks
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes(pid):
+    """A process's peak resident set size (VmHWM), or None where /proc has none."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def job_state_of_only_job(conn):
+    """The state of the one job in a database that holds one."""
+    return conn.execute("SELECT state FROM jobs").fetchone()[0]
+
+
+def fill_finished_jobs(db, count):
+    """Add `count` completed jobs, as a worker leaves a finished `true`, in one SQL statement.
+
+    Running a million jobs would take an hour; what (f) measures is reading
+    and claiming next to them, so they are written directly, ids and times
+    shaped like real ones.
+    """
+    past = time.time() - 86400
+    with closing(connect(db)) as conn:
+        with immediate(conn):
+            conn.execute("""
+                WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
+                INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env,
+                                  depends_on, deps_left, state, attempts, run_at, exit_code,
+                                  created_at, updated_at, started_at, finished_at)
+                SELECT strftime('%Y%m%d-%H%M%S', :past + i * 0.01, 'unixepoch')
+                       || printf('-%06d-%04x', i % 1000000, abs(random()) % 65536), 'true', 'default', 0, 3,
+                       3600, 0, '{}', '[]', 0, 'completed', 1, :past + i * 0.01, 0,
+                       :past + i * 0.01, :past + i * 0.01 + 0.002, :past + i * 0.01 + 0.001,
+                       :past + i * 0.01 + 0.002
+                FROM n
+                """, {"count": count, "past": past})
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+# ---------------------------------------------------------------------------
 # CLI: parser and main
 # ---------------------------------------------------------------------------
 
@@ -2470,6 +2887,9 @@ def build_parser():
     command("list", cmd_config_list, "every setting", [as_json], config_commands)
 
     command("demo", cmd_demo, "show the whole life of a queue in a few seconds")
+    bench = command("bench", cmd_bench, "measure this machine against the performance targets")
+    bench.add_argument("--large", action="store_true",
+                       help="also 1,000,000 finished jobs and a 1 GB output (a few minutes)")
     return parser
 
 

@@ -213,6 +213,17 @@ def test_claim_query_uses_the_due_index_with_and_without_queues(db):
         conn.close()
 
 
+def test_finishing_a_job_finds_its_dependents_by_id_never_by_scanning_waiting_jobs(db):
+    cli("init")
+    conn = queuectl.connect(db)
+    try:
+        for sql in (queuectl.RELEASE_DEPENDENTS_SQL, queuectl.CANCEL_DEPENDENTS_SQL):
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, {"id": "x", "now": 0, "reason": ""})]
+            assert plan[0].startswith("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)"), plan
+    finally:
+        conn.close()
+
+
 def test_claim_takes_highest_priority_then_oldest_and_skips_jobs_not_yet_due(db):
     enqueue("-c", "true", "--id", "old-low")
     enqueue("-c", "true", "--id", "future-high", "--priority", "9", "--delay", "3600")
