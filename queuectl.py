@@ -328,11 +328,35 @@ SCHEMA_V1 = [
     """,
 ]
 
+# Version 2: `status` reads counts kept here instead of counting every job (a
+# million finished jobs took 150 ms to count). The triggers keep them exact on
+# every state change and delete, in the same transaction; enqueue_rows() adds
+# each batch itself, since an INSERT trigger would slow a bulk enqueue by half.
+SCHEMA_V2 = [
+    "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT INTO job_counts (state, n) VALUES " + ", ".join(f"('{state}', 0)" for state in STATES),
+    "UPDATE job_counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = job_counts.state)",
+    """
+    CREATE TRIGGER job_counts_on_update AFTER UPDATE OF state ON jobs
+    WHEN OLD.state <> NEW.state
+    BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+        UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+    END
+    """,
+    """
+    CREATE TRIGGER job_counts_on_delete AFTER DELETE ON jobs
+    BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+    END
+    """,
+]
+
 # MIGRATIONS[v] brings a database at version v - 1 to version v. A release that
 # changes the schema appends a step; user_version says which steps are done.
-MIGRATIONS = {1: SCHEMA_V1}
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}
 SCHEMA_VERSION = max(MIGRATIONS)
-OUR_TABLES = {"jobs", "deps", "config", "workers"}
+OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts"}
 
 
 def busy_timeout_s():
@@ -675,6 +699,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
                                               for row in rows])
             conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
                              [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
+        count_new_jobs(conn, rows)
     except sqlite3.IntegrityError:
         # Rolled back by now, so the ids that exist are the ones that clashed.
         clash = next((row for row in rows if job_state(conn, row["id"]) is not None), None)
@@ -683,6 +708,15 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
         raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
                          "(--if-absent skips existing ids)") from None
     return [row["id"] for row in rows]
+
+
+def count_new_jobs(conn, rows):
+    """Add a batch of new jobs to job_counts (the only INSERT into jobs; see SCHEMA_V2)."""
+    new_by_state = {}
+    for row in rows:
+        new_by_state[row["state"]] = new_by_state.get(row["state"], 0) + 1
+    conn.executemany("UPDATE job_counts SET n = n + ? WHERE state = ?",
+                     [(count, state) for state, count in new_by_state.items()])
 
 
 def drop_duplicates(conn, rows, if_absent, line_of):
@@ -1035,9 +1069,9 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
 
 
 def count_by_state(conn):
-    """{state: count} for every state, zeros included."""
+    """{state: count} for every state, zeros included: read from job_counts, not counted."""
     counts = dict.fromkeys(STATES, 0)
-    for row in conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+    for row in conn.execute("SELECT state, n FROM job_counts"):
         counts[row["state"]] = row["n"]
     return counts
 
@@ -2792,6 +2826,7 @@ def fill_finished_jobs(db, count):
                        :past + i * 0.01 + 0.002
                 FROM n
                 """, {"count": count, "past": past})
+            conn.execute("UPDATE job_counts SET n = n + ? WHERE state = 'completed'", (count,))
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 

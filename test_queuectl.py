@@ -41,11 +41,29 @@ SCRIPT = str(HERE / "queuectl.py")
 
 @pytest.fixture
 def db(tmp_path, monkeypatch):
-    """A fresh database path, made the default for every cli() and run() call."""
+    """A fresh database path, made the default for every cli() and run() call.
+
+    Afterwards it checks that status's kept counts equal a real count, so every
+    test also tests the job_counts triggers.
+    """
     path = str(tmp_path / "q.db")
     monkeypatch.setenv("QUEUECTL_DB", path)
     monkeypatch.chdir(tmp_path)
-    return path
+    yield path
+    kept, counted = counts_kept_and_counted(path)
+    assert kept == counted
+
+
+def counts_kept_and_counted(path):
+    """(job_counts, a GROUP BY count) read in one snapshot; ({}, {}) if there is no sound database."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            conn.execute("BEGIN")
+            kept = {state: n for state, n in conn.execute("SELECT state, n FROM job_counts") if n}
+            counted = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+            return kept, counted
+    except sqlite3.Error:  # no file, a broken one on purpose, or another schema
+        return {}, {}
 
 
 @pytest.fixture
@@ -198,6 +216,25 @@ def test_a_database_of_an_older_schema_is_upgraded_in_place(db):
     assert cli("enqueue", "-c", "true", "--id", "x")[0] == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION
+
+
+def test_a_version_1_database_is_upgraded_with_its_counts(db):
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # what queuectl 1.0 wrote
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in queuectl.SCHEMA_V1:
+            conn.execute(statement)
+        for seq, state in enumerate(("pending", "completed", "completed", "dead"), 1):
+            conn.execute("INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, "
+                         "depends_on, deps_left, state, run_at, created_at, updated_at) "
+                         "VALUES (?, 'true', 'default', 0, 3, 0, 0, '{}', '[]', 0, ?, 0, 0, 0)", (f"j{seq}", state))
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
+                                "canceled": 0}
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 2
+    assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
+    assert status()["jobs"]["completed"] == 0
 
 
 def test_claim_query_uses_the_due_index_with_and_without_queues(db):
