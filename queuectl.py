@@ -138,16 +138,24 @@ def one_line(text, width=80):
 
 
 _last_id_us = 0
+_id_stamp = (None, "")  # (second, its text): strftime once a second, not once an id
+_id_suffix = os.urandom(4).hex()  # this process's: ids from two processes differ here
 
 
 def new_job_id():
-    """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2c41b."""
-    global _last_id_us
-    micros = max(time.time_ns() // 1000, _last_id_us + 1)  # strictly increasing here
+    """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2c41b.
+
+    The microseconds strictly increase within a process, and the random suffix
+    tells processes apart, so two ids collide only if two processes draw the
+    same 32 random bits and create a job in the same microsecond.
+    """
+    global _last_id_us, _id_stamp
+    micros = max(time.time_ns() // 1000, _last_id_us + 1)
     _last_id_us = micros
     seconds, micros_part = divmod(micros, 1_000_000)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds))
-    return f"{stamp}-{micros_part:06d}-{os.urandom(4).hex()}"
+    if _id_stamp[0] != seconds:
+        _id_stamp = (seconds, time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds)))
+    return f"{_id_stamp[1]}-{micros_part:06d}-{_id_suffix}"
 
 
 def check_number(field, value, kind, low, low_excluded=False, high=None):
@@ -631,7 +639,7 @@ def job_row(spec, config, now):
         raise UsageError(f"cwd must be a directory path, got {json.dumps(cwd)}")
     if cwd is not None:
         check_text("cwd", cwd)
-    delay_s = check_number("delay", spec.get("delay", 0), float, 0)
+    delay_s = check_number("delay", spec["delay"], float, 0) if "delay" in spec else 0.0
     run_at = parse_time("run_at", spec["run_at"]) if "run_at" in spec else now + delay_s
     if run_at > LATEST_TIME:
         raise UsageError(f"delay must be small enough to end before the year 10000, got {one_line(json.dumps(spec['delay']), 40)}")
@@ -643,14 +651,16 @@ def job_row(spec, config, now):
         "id": job_id,
         "command": check_command(spec["command"]),
         "queue": queue,
-        "priority": check_number("priority", spec.get("priority", 0), int, -1000, high=1000),
-        "max_retries": check_number("max_retries", spec.get("max_retries", config["max_retries"]),
-                                    int, 0, high=1000),
-        "timeout_s": check_number("timeout", spec.get("timeout", config["job_timeout"]), float, 0),
+        # Defaults are checked already (config set checks them): only given fields are.
+        "priority": check_number("priority", spec["priority"], int, -1000, high=1000) if "priority" in spec else 0,
+        "max_retries": check_number("max_retries", spec["max_retries"], int, 0, high=1000)
+        if "max_retries" in spec else config["max_retries"],
+        "timeout_s": check_number("timeout", spec["timeout"], float, 0)
+        if "timeout" in spec else float(config["job_timeout"]),
         "delay_s": delay_s,
-        "env": json.dumps(check_env(spec.get("env", {}))),
+        "env": json.dumps(check_env(spec["env"])) if "env" in spec else "{}",
         "cwd": cwd,
-        "depends_on": check_depends_on(spec.get("depends_on", [])),
+        "depends_on": check_depends_on(spec["depends_on"]) if "depends_on" in spec else [],
         "deps_left": 0, "state": "pending", "run_at": run_at, "last_error": None,
         "created_at": now, "updated_at": now, "finished_at": None,
     }
@@ -696,6 +706,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
             rows = drop_duplicates(conn, rows, if_absent, line_of)
             link_dependencies(conn, rows, line_of)
             conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
+                                              if row["depends_on"] else dict(row, depends_on="[]")
                                               for row in rows])
             conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
                              [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
