@@ -1297,15 +1297,10 @@ class CommandRun:
 
     def start(self):
         """Spawn the command; return an error line if it could not start, else None."""
-        import subprocess
         if self.cwd is not None and not os.path.isdir(self.cwd):
             return f"cannot start: cwd '{self.cwd}' is not a directory"
         try:
-            # A session of its own: the job is its own process group, so a
-            # terminal's Ctrl-C never reaches it and killpg() ends all of it.
-            self.proc = subprocess.Popen(
-                ["/bin/sh", "-c", self.command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, start_new_session=True)
+            self.proc = ShellProcess(self.command, self.env, self.cwd)
         except OSError as e:
             return f"cannot start: {e.strerror or e}"
         self.started_at = time.monotonic()
@@ -1330,8 +1325,8 @@ class CommandRun:
         import selectors
         import signal
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
-        self.selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
+        self.selector.register(self.proc.stdout_fd, selectors.EVENT_READ, self.stdout)
+        self.selector.register(self.proc.stderr_fd, selectors.EVENT_READ, self.stderr)
         for fd in wake_fds:
             self.selector.register(fd, selectors.EVENT_READ, "wake")
         self.pidfd = open_pidfd(self.proc.pid)
@@ -1425,8 +1420,7 @@ class CommandRun:
     def close(self):
         """Close the selector, the pipes and the pidfd."""
         self.selector.close()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.proc.close_pipes()
         if self.pidfd is not None:
             os.close(self.pidfd)
 
@@ -1440,6 +1434,101 @@ class CommandRun:
             stdout=self.stdout.text(), stderr=self.stderr.text(),
             stdout_cut=self.stdout.cut, stderr_cut=self.stderr.cut, stop_reason=self.stop_reason,
             duration_s=time.monotonic() - self.started_at)
+
+
+class ShellProcess:
+    """`/bin/sh -c command` in a session of its own: stdin /dev/null, stdout and stderr to pipes.
+
+    A session of its own makes the job its own process group, so a terminal's
+    Ctrl-C never reaches it and killpg() ends all of it. posix_spawn (vfork and
+    exec, in C) costs a third of subprocess.Popen per job; Popen stays for jobs
+    with a cwd (posix_spawn cannot change directory) and where posix_spawn cannot
+    start a session. Either way the job gets SIGPIPE and SIGXFSZ back at their
+    defaults, as Popen gives them, and no fd of the worker's (see mark_fds_cloexec).
+    """
+
+    def __init__(self, command, env, cwd):
+        argv = ["/bin/sh", "-c", command]
+        self.stdout_fd, out_w = os.pipe()
+        self.stderr_fd, err_w = os.pipe()
+        self.popen = None
+        self.returncode = None
+        try:
+            self.pid = spawn_session(argv, env, out_w, err_w) if cwd is None else None
+            if self.pid is None:
+                import subprocess
+                self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                              env=env, cwd=cwd, start_new_session=True)
+                self.pid = self.popen.pid
+        except BaseException:
+            self.close_pipes()
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+
+    def poll(self):
+        """The exit status once the process ended (-N: killed by signal N), else None."""
+        if self.returncode is None:
+            if self.popen is not None:
+                self.returncode = self.popen.poll()
+            else:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        """Block until the process ends; its exit status."""
+        if self.returncode is None:
+            if self.popen is not None:
+                self.returncode = self.popen.wait()
+            else:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def close_pipes(self):
+        """Close our ends of the output pipes (once)."""
+        for fd in (self.stdout_fd, self.stderr_fd):
+            if fd is not None:
+                os.close(fd)
+        self.stdout_fd = self.stderr_fd = None
+
+
+def spawn_session(argv, env, stdout_fd, stderr_fd):
+    """posix_spawn argv in a new session with stdin /dev/null; its pid, or None where unsupported."""
+    import signal
+    if not hasattr(os, "posix_spawn"):
+        return None
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        return os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask=(),
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                              file_actions=[(os.POSIX_SPAWN_DUP2, null_fd, 0),
+                                            (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
+                                            (os.POSIX_SPAWN_DUP2, stderr_fd, 2)])
+    except NotImplementedError:  # no POSIX_SPAWN_SETSID in this libc
+        return None
+    finally:
+        os.close(null_fd)
+
+
+def mark_fds_cloexec():
+    """Mark every fd above 2 close-on-exec, so jobs started by posix_spawn inherit none of ours.
+
+    Python and SQLite open their own fds close-on-exec already; this catches
+    any the worker inherited (from a shell, or from the supervisor under fork).
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = range(3, 256)
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # closed meanwhile (the listing's own fd)
 
 
 def open_pidfd(pid):
@@ -1525,6 +1614,7 @@ class Worker:
         """Work until drained, aborted or orphaned; return the process exit code."""
         import selectors
         self.install_signals()
+        mark_fds_cloexec()
         self.wake_sock = None
         self.conn = connect(self.db_path, durable=False)
         self.config = load_config(self.conn)

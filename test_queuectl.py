@@ -2553,3 +2553,16 @@ def test_a_reader_that_leaves_early_gets_no_noise(db):
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.stdout == "[\n"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("cwd", [None, "/"])  # posix_spawn, and Popen for a job with a cwd
+def test_a_job_inherits_no_fd_of_its_worker(fast, cwd, tmp_path):
+    spec = {"id": "fds", "command": 'ls /proc/$$/fd | tr "\\n" " "'}
+    if cwd:
+        spec["cwd"] = cwd
+    enqueue(json.dumps(spec))
+    with open(tmp_path / "inherited", "w") as stray:  # an fd the worker gets from its parent
+        result = subprocess.run([sys.executable, SCRIPT, "worker", "start", "--burst"], capture_output=True,
+                                text=True, timeout=60, pass_fds=(stray.fileno(),), check=False)
+    assert result.returncode == 0, result.stderr
+    assert show("fds")["stdout"] == "0 1 2 "
