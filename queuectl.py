@@ -39,9 +39,11 @@ import json
 import math
 import os
 import re
+import signal
 import sqlite3
 import sys
 import time
+from collections import namedtuple
 from contextlib import closing, contextmanager
 
 __version__ = "1.0.0"
@@ -61,15 +63,19 @@ QUEUE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 JOB_FIELDS = ("id", "command", "max_retries", "timeout", "priority", "queue",
               "run_at", "delay", "env", "cwd", "depends_on")
 
-# Config keys: default, type, lowest value, whether the lowest is excluded, highest.
+# A config key's default and the values it accepts: kind is int or float,
+# values from low (excluded if low_excluded) up to high (None: no limit).
+ConfigRule = namedtuple("ConfigRule", "default kind low low_excluded high", defaults=(False, None))
+
+
 CONFIG_RULES = {
-    "max_retries": (3, int, 0, False, 1000),
-    "backoff_base": (2, float, 0, False, None),
-    "backoff_max": (3600, float, 0, False, None),
-    "job_timeout": (3600, float, 0, False, None),
-    "lease_timeout": (30, float, 1, False, None),
-    "poll_interval": (0.5, float, 0, True, None),
-    "output_limit": (65536, int, 0, False, None),
+    "max_retries": ConfigRule(3, int, low=0, high=1000),
+    "backoff_base": ConfigRule(2, float, low=0),
+    "backoff_max": ConfigRule(3600, float, low=0),
+    "job_timeout": ConfigRule(3600, float, low=0),
+    "lease_timeout": ConfigRule(30, float, low=1),
+    "poll_interval": ConfigRule(0.5, float, low=0, low_excluded=True),
+    "output_limit": ConfigRule(65536, int, low=0),
 }
 
 # Linux refuses one exec argument longer than this (MAX_ARG_STRLEN less the NUL).
@@ -533,7 +539,7 @@ def describe_db_error(error, path):
 
 def load_config(conn):
     """Every config key with its value: the stored one, else the default."""
-    config = {key: rule[0] for key, rule in CONFIG_RULES.items()}
+    config = {key: rule.default for key, rule in CONFIG_RULES.items()}
     for row in conn.execute("SELECT key, value FROM config"):
         if row["key"] in config:
             config[row["key"]] = json.loads(row["value"])
@@ -549,13 +555,14 @@ def check_config_key(key):
 def parse_config_value(key, text):
     """The value for key parsed from text and checked against its rule."""
     check_config_key(key)
-    _, kind, low, low_excluded, high = CONFIG_RULES[key]
+    rule = CONFIG_RULES[key]
     try:
-        value = int(text) if kind is int else float(text)
+        value = int(text) if rule.kind is int else float(text)
     except ValueError:
-        kind_name = "a whole number" if kind is int else "a number"
+        kind_name = "a whole number" if rule.kind is int else "a number"
         raise UsageError(f"config {key} must be {kind_name}, got '{text}'") from None
-    return plain_number(check_number(f"config {key}", value, kind, low, low_excluded, high))
+    return plain_number(check_number(f"config {key}", value, rule.kind, rule.low,
+                                     low_excluded=rule.low_excluded, high=rule.high))
 
 
 def set_config(conn, key, value):
@@ -1256,7 +1263,6 @@ class OutputTail:
 
 def signal_name(number):
     """SIGKILL for 9, or the number when it has no name."""
-    import signal
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -1308,7 +1314,6 @@ class CommandRun:
 
     def stop(self, reason, grace_s):
         """Ask the job's process group to end (SIGTERM); SIGKILL follows after grace_s."""
-        import signal
         if self.stop_reason is None:
             self.stop_reason = reason
             kill_group(self.proc.pid, signal.SIGTERM)
@@ -1323,7 +1328,6 @@ class CommandRun:
         job never outlives the worker's interest in it.
         """
         import selectors
-        import signal
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
         self.selector.register(self.proc.stdout_fd, selectors.EVENT_READ, self.stdout)
         self.selector.register(self.proc.stderr_fd, selectors.EVENT_READ, self.stderr)
@@ -1348,7 +1352,6 @@ class CommandRun:
 
     def is_finished(self, now):
         """Whether the command exited and its output is read (or its grace is over)."""
-        import signal
         if self.exited_at is None and self.proc.poll() is not None:
             self.exited_at = now
             if self.stop_reason is not None:  # stragglers of a stopped job go too
@@ -1362,7 +1365,6 @@ class CommandRun:
 
     def act_on_time(self, now, tick_s, on_tick):
         """The timeout, the SIGKILL after a stop's grace, and the periodic tick."""
-        import signal
         if now >= self.deadline:
             self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
             self.deadline = math.inf
@@ -1497,7 +1499,6 @@ class ShellProcess:
 
 def spawn_session(argv, env, stdout_fd, stderr_fd):
     """posix_spawn argv in a new session with stdin /dev/null; its pid, or None where unsupported."""
-    import signal
     if not hasattr(os, "posix_spawn"):
         return None
     null_fd = os.open(os.devnull, os.O_RDONLY)
@@ -1575,7 +1576,6 @@ class Worker:
 
     def install_signals(self):
         """Flags for SIGTERM and SIGUSR1, a no-op SIGINT, and a wake-up fd for all of them."""
-        import signal
         import socket
         self.signal_r, signal_w = socket.socketpair()
         self.signal_r.setblocking(False)
@@ -1836,7 +1836,6 @@ class Supervisor:
 
     def install_signals(self):
         """SIGTERM/SIGINT count toward stop and abort; SIGUSR1 (from `worker stop`) just stops."""
-        import signal
         import socket
         self.signal_r, self._signal_w = socket.socketpair()
         self.signal_r.setblocking(False)
@@ -1859,7 +1858,6 @@ class Supervisor:
 
     def fill_pool(self):
         """Start a worker in every empty slot (a slot whose worker died waits a moment)."""
-        import signal
         now = time.monotonic()
         for slot in range(self.count):
             if slot in self.workers or now < self.restart_at[slot]:
@@ -1883,7 +1881,6 @@ class Supervisor:
 
     def collect_exited(self):
         """Forget workers that exited; a death while not stopping is logged and its job recovered."""
-        import signal
         for slot, (process, worker_id) in list(self.workers.items()):
             if process.exitcode is None:
                 continue
@@ -1900,7 +1897,6 @@ class Supervisor:
 
     def recover(self, slot, process, worker_id):
         """A worker died: end its orphaned job, return that job to the retry rules, drop its row."""
-        import signal
         how = f"signal {signal_name(-process.exitcode)}" if process.exitcode < 0 else f"exit {process.exitcode}"
         job_pid, self.job_pids[slot] = self.job_pids[slot], 0
         if job_pid:
@@ -1948,7 +1944,6 @@ class Supervisor:
 
     def begin_stop(self, why):
         """Stop claiming: each worker finishes its job, records it and exits."""
-        import signal
         if self.is_stopping:
             return
         self.is_stopping = True
@@ -1960,7 +1955,6 @@ class Supervisor:
 
     def abort(self, signum):
         """Stop running jobs now, return them to pending uncounted, and exit."""
-        import signal
         self.is_stopping = True
         self.exit_code = 128 + signum
         log("supervisor aborting: stopping running jobs and returning them to pending")
@@ -1978,7 +1972,6 @@ class Supervisor:
 
     def stop_workers_now(self):
         """On an unexpected error: abort the workers, then kill what is left."""
-        import signal
         for process, _ in self.workers.values():
             kill_process(process.pid, signal.SIGUSR1)
         for process, _ in self.workers.values():
@@ -1988,7 +1981,6 @@ class Supervisor:
 
     def return_jobs_of(self, slot, worker_id):
         """Kill a killed worker's job group and put its job back to pending uncounted."""
-        import signal
         if self.job_pids[slot]:
             kill_group(self.job_pids[slot], signal.SIGKILL)
         for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
@@ -2219,7 +2211,6 @@ def wait_for_supervisor(conn, proc, log_path, timeout_s=10.0):
 
 def cmd_worker_stop(args):
     """Ask every live supervisor of this database to stop gracefully, and wait for them."""
-    import signal
     if not args.timeout >= 0:  # written so that NaN fails too
         raise UsageError(f"--timeout must be 0 or more, got {args.timeout}")
     with closing(open_db(args)) as conn:
@@ -2655,7 +2646,6 @@ class Bench:
 
     def stop_pool(self, pool):
         """Stop a pool gracefully (SIGTERM drains) and wait for it; kill it if it hangs."""
-        import signal
         import subprocess
         pool.send_signal(signal.SIGTERM)
         try:

@@ -759,7 +759,7 @@ def test_bad_config_values_are_exit_2_and_change_nothing(db, key, value, message
     code, _, err = cli("config", "set", key, value)
     assert code == 2
     assert message in error_line(err)
-    assert json.loads(cli("config", "list", "--json")[1])[key] == queuectl.CONFIG_RULES[key][0]
+    assert json.loads(cli("config", "list", "--json")[1])[key] == queuectl.CONFIG_RULES[key].default
 
 
 def test_an_unknown_config_key_lists_the_known_ones(db):
