@@ -2566,3 +2566,23 @@ def test_a_job_inherits_no_fd_of_its_worker(fast, cwd, tmp_path):
                                 text=True, timeout=60, pass_fds=(stray.fileno(),), check=False)
     assert result.returncode == 0, result.stderr
     assert show("fds")["stdout"] == "0 1 2 "
+
+
+# ---------------------------------------------------------------------------
+# The benchmark's own parts (it asserts no times, and neither do these)
+# ---------------------------------------------------------------------------
+
+def test_the_benchmark_fills_finished_jobs_that_status_counts(db):
+    cli("init")
+    queuectl.fill_finished_jobs(db, 1000)
+    assert status()["jobs"]["completed"] == 1000
+    code, out, _ = cli("list", "--json", "--limit", "2")
+    assert code == 0 and [job["state"] for job in json.loads(out)] == ["completed", "completed"]
+
+
+def test_the_benchmark_statistics():
+    assert queuectl.median([3, 1, 2]) == 2
+    assert queuectl.median([4, 1, 2, 3]) == 2.5
+    assert queuectl.percentile(list(range(1, 101)), 0.95) == 95
+    assert queuectl.bench_row("a", "m", "r", "t", None)[-1] == "-"
+    assert queuectl.machine_description().startswith(f"machine: {os.cpu_count()} cores")
