@@ -717,7 +717,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
                                               for row in rows])
             conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
                              [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
-        count_new_jobs(conn, rows)
+            count_new_jobs(conn, rows)  # in the same transaction: jobs and counts, or neither
     except sqlite3.IntegrityError:
         # Rolled back by now, so the ids that exist are the ones that clashed.
         clash = next((row for row in rows if job_state(conn, row["id"]) is not None), None)
@@ -729,7 +729,10 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
 
 
 def count_new_jobs(conn, rows):
-    """Add a batch of new jobs to job_counts (the only INSERT into jobs; see SCHEMA_V2)."""
+    """Add a batch of new jobs to job_counts, inside the caller's transaction (see SCHEMA_V2).
+
+    Every INSERT into jobs must do this: here, and the benchmark's fill_finished_jobs().
+    """
     new_by_state = {}
     for row in rows:
         new_by_state[row["state"]] = new_by_state.get(row["state"], 0) + 1

@@ -2547,3 +2547,18 @@ def test_the_benchmark_statistics():
     assert queuectl.percentile(list(range(1, 101)), 0.95) == 95
     assert queuectl.bench_row("a", "m", "r", "t", None)[-1] == "-"
     assert queuectl.machine_description().startswith(f"machine: {os.cpu_count()} cores")
+
+
+def test_an_enqueue_that_fails_while_counting_leaves_neither_job_nor_count(db, monkeypatch):
+    cli("init")
+
+    def fail_to_count(conn, rows):
+        conn.execute("UPDATE job_counts SET n = n + 1 WHERE state = 'pending'")  # half done...
+        raise sqlite3.OperationalError("disk I/O error")  # ...then the disk fails
+
+    monkeypatch.setattr(queuectl, "count_new_jobs", fail_to_count)
+    code, out, err = cli("enqueue", "-c", "true", "--id", "x")
+    assert (code, out) == (1, "")
+    assert "disk I/O error" in error_line(err)
+    assert job_count(db) == 0
+    assert status()["jobs"]["pending"] == 0
