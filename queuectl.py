@@ -148,6 +148,16 @@ _id_stamp = (None, "")  # (second, its text): strftime once a second, not once a
 _id_suffix = os.urandom(4).hex()  # this process's: ids from two processes differ here
 
 
+def _draw_id_suffix():
+    """A new random suffix for this process's ids."""
+    global _id_suffix
+    _id_suffix = os.urandom(4).hex()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_draw_id_suffix)  # a forked child is another process
+
+
 def new_job_id():
     """A fresh job id, unique and sortable by creation time: 20261122-093229-123456-3fa2c41b.
 
@@ -486,15 +496,17 @@ def is_busy(error):
     return "locked" in text or "busy" in text
 
 
-def retry_busy(operation, *args):
-    """operation(*args), retrying 'database is locked' with backoff for up to the busy timeout.
+def retry_busy(operation, *args, give_up_s=None):
+    """operation(*args), retrying 'database is locked' with backoff for up to give_up_s.
+
+    give_up_s defaults to the busy timeout.
 
     sqlite's own busy handler already waits; this also covers the SQLITE_BUSY
     it returns at once (e.g. while a checkpoint or a WAL recovery runs), so a
     heartbeat, a claim or a finish never fails on a momentary lock.
     """
     delay_s = 0.001
-    give_up_at = time.monotonic() + busy_timeout_s()
+    give_up_at = time.monotonic() + (busy_timeout_s() if give_up_s is None else give_up_s)
     while True:
         try:
             return operation(*args)
@@ -759,7 +771,9 @@ def drop_duplicates(conn, rows, if_absent, line_of):
 # ---------------------------------------------------------------------------
 
 CLAIM_SELECT_SQL = """
-SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries
+SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
+       state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
+       updated_at AS updated_at_before
 FROM jobs INDEXED BY jobs_due  -- never a sort of all pending jobs, whatever the planner thinks
 WHERE state IN ('pending', 'failed')
   AND deps_left = 0
@@ -843,6 +857,7 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
     gets a new lease token; only that token can record its result.
     """
     sql, params = claim_query
+    claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
     now = time.time() if now is None else now
     with immediate(conn):
         job = conn.execute(sql, {"now": now, **params}).fetchone()
@@ -851,7 +866,7 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
         token = os.urandom(8).hex()
         conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
                                         "lease_until": now + lease_s, "now": now})
-    return dict(job, attempts=job["attempts"] + 1, lease_token=token)
+    return dict(job, attempts=job["attempts"] + 1, lease_token=token, claimed_at=claimed_at)
 
 
 def backoff_s(attempts, config):
@@ -971,6 +986,30 @@ def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not
               AND lease_token = :lease_token
             """, {"seq": job["seq"], "lease_token": job["lease_token"], "reason": reason,
                   "now": now}).rowcount == 1
+
+
+GIVE_BACK_SQL = """
+UPDATE jobs
+SET state = :state_before,
+    attempts = attempts - 1,
+    last_error = :last_error_before,
+    started_at = :started_at_before,
+    updated_at = :updated_at_before,
+    worker_id = NULL,
+    lease_token = NULL,
+    lease_until = NULL
+WHERE seq = :seq
+  AND state = 'processing'
+  AND lease_token = :lease_token
+"""
+
+
+def give_back(conn, job):
+    """Undo a claim whose job never started: the job is exactly as it was before."""
+    with immediate(conn):
+        conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
+            "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
+            "updated_at_before")})
 
 
 def renew_lease(conn, job, lease_s, now=None):
@@ -1303,6 +1342,7 @@ class CommandRun:
         self.started_at = None
         self.stop_reason = None
         self.kill_at = math.inf
+        self.fence_at = math.inf  # the worker's lease deadline: past it the job is killed at once
 
     def start(self):
         """Spawn the command; return an error line if it could not start, else None."""
@@ -1371,6 +1411,10 @@ class CommandRun:
         if now >= self.deadline:
             self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
             self.deadline = math.inf
+        if now >= self.fence_at:  # our lease could go to another worker: never two runs at once
+            self.stop("killed: its lease could not be renewed in time", 0)
+            self.fence_at = self.kill_at = math.inf
+            kill_group(self.proc.pid, signal.SIGKILL)
         if now >= self.kill_at:
             kill_group(self.proc.pid, signal.SIGKILL)
             self.kill_at = math.inf
@@ -1381,7 +1425,7 @@ class CommandRun:
     def wait_s(self, now):
         """How long select() may sleep before the next thing there is to do."""
         output_grace_at = self.exited_at + OUTPUT_GRACE_S if self.exited_at is not None else math.inf
-        wait_s = min(self.deadline, self.kill_at, self.next_tick, output_grace_at) - now
+        wait_s = min(self.deadline, self.kill_at, self.fence_at, self.next_tick, output_grace_at) - now
         if self.pidfd is None and self.exited_at is None:
             wait_s = min(wait_s, 0.05)  # no pidfd: poll for the exit
         return max(wait_s, 0)
@@ -1450,15 +1494,18 @@ class ShellProcess:
     with a cwd (posix_spawn cannot change directory) and where posix_spawn cannot
     start a session. Either way the job gets SIGPIPE and SIGXFSZ back at their
     defaults, as Popen gives them, and no fd of the worker's (see mark_fds_cloexec).
+    (Under posix_spawn glibc leaves its two internal real-time signals ignored;
+    programs that use them set their own handlers.)
     """
 
     def __init__(self, command, env, cwd):
         argv = ["/bin/sh", "-c", command]
-        self.stdout_fd, out_w = os.pipe()
-        self.stderr_fd, err_w = os.pipe()
+        self.stdout_fd = self.stderr_fd = out_w = err_w = None
         self.popen = None
         self.returncode = None
         try:
+            self.stdout_fd, out_w = os.pipe()
+            self.stderr_fd, err_w = os.pipe()
             self.pid = spawn_session(argv, env, out_w, err_w) if cwd is None else None
             if self.pid is None:
                 import subprocess
@@ -1469,8 +1516,9 @@ class ShellProcess:
             self.close_pipes()
             raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in (out_w, err_w):  # the child has its copies
+                if fd is not None:
+                    os.close(fd)
 
     def poll(self):
         """The exit status once the process ended (-N: killed by signal N), else None."""
@@ -1620,6 +1668,7 @@ class Worker:
         mark_fds_cloexec()
         self.wake_sock = None
         self.conn = connect(self.db_path, durable=False)
+        self.patience_s = busy_timeout_s()
         self.config = load_config(self.conn)
         self.wake_addr = self.open_wake_socket()
         self.register()
@@ -1633,23 +1682,30 @@ class Worker:
         try:
             while not self.should_stop():
                 self.keep_up()
-                job = retry_busy(claim, self.conn, self.worker_id, self.claim_query,
-                                 self.config["lease_timeout"])
+                job = self.db(claim, self.worker_id, self.claim_query, self.config["lease_timeout"])
                 if job is None:
                     self.wait_idle()
                 elif self.should_stop():  # a stop signal landed during the claim: give it back
-                    retry_busy(return_job_uncounted, self.conn, job, "returned unrun: its worker was stopping")
+                    self.db(give_back, job)
                 else:
                     self.process(job)
         finally:
-            retry_busy(unregister_process, self.conn, self.worker_id)
+            self.db(unregister_process, self.worker_id)
             self.conn.close()
         return 0
 
     def register(self):
         """Add (or add again) this worker to the registry."""
-        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id,
-                   self.queues, self.wake_addr)
+        self.db(register_process, self.worker_id, "worker", self.supervisor_id, self.queues, self.wake_addr)
+
+    def db(self, operation, *args):
+        """operation(self.conn, *args), patient with a locked database for self.patience_s."""
+        return retry_busy(operation, self.conn, *args, give_up_s=self.patience_s)
+
+    def set_patience(self, seconds):
+        """How long a database call may wait for a lock: short while a job runs (see watch)."""
+        self.patience_s = seconds
+        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     def should_stop(self):
         """Stop claiming when told to, or when the supervisor is gone (we were orphaned)."""
@@ -1659,10 +1715,10 @@ class Worker:
         """Refresh config every poll_interval and beat every lease_timeout / 3."""
         now = time.monotonic()
         if now >= self.next_config:
-            self.config = retry_busy(load_config, self.conn)
+            self.config = self.db(load_config)
             self.next_config = now + self.config["poll_interval"]
         if now >= self.next_beat:
-            if retry_busy(heartbeat, self.conn, self.worker_id) is None:
+            if self.db(heartbeat, self.worker_id) is None:
                 self.register()
             self.next_beat = now + self.config["lease_timeout"] / 3
 
@@ -1686,10 +1742,16 @@ class Worker:
             result = RunResult(error=spawn_error)
         else:
             self.job_pids[self.slot] = run.proc.pid  # so the supervisor can end it if we die
-            self.lease_renewed_at = self.lease_ok_at = time.monotonic()
-            tick_s = min(self.config["poll_interval"], self.config["lease_timeout"] / 3)
-            result = run.wait(tick_s, lambda: self.watch(run),
-                              [s for s in (self.wake_sock, self.signal_r) if s is not None])
+            self.lease_renewed_at = job["claimed_at"]
+            run.fence_at = self.fence_at(job["claimed_at"])
+            lease_s = self.config["lease_timeout"]
+            tick_s = min(self.config["poll_interval"], lease_s / 3)
+            self.set_patience(min(0.2, lease_s / 10))  # a tick must never block past the fence
+            try:
+                result = run.wait(tick_s, lambda: self.watch(run),
+                                  [s for s in (self.wake_sock, self.signal_r) if s is not None])
+            finally:
+                self.set_patience(busy_timeout_s())
             self.job_pids[self.slot] = 0
         self.record(job, result)
         self.job = None
@@ -1710,35 +1772,42 @@ class Worker:
             return
         try:
             self.keep_up()
-            is_ours = self.renew_or_check()
+            is_ours = self.renew_or_check(run)
         except sqlite3.OperationalError as e:
-            if time.monotonic() - self.lease_ok_at < self.config["lease_timeout"] * 2 / 3:
-                log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
-                return  # the lease has time left; the next tick tries again
-            # Our lease is about to run out and may go to another worker: stop
-            # first, so the job never runs twice at once.
-            log(f"{self.label} job {self.job['id']}: lease cannot be renewed ({e}); stopping the job")
-            run.stop("stopped: its lease could not be renewed", ABORT_GRACE_S)
+            # The lease still has time (run.fence_at kills the job before it
+            # runs out); the next tick tries again.
+            log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
             return
         if not is_ours:
-            run.stop("canceled, or its lease was taken over", KILL_GRACE_S)
+            is_canceled = self.db(job_state, self.job["id"]) == "canceled"
+            # Canceled: SIGTERM, SIGKILL 5 s later. Taken over: another run may have
+            # started, so this one ends now.
+            run.stop("canceled" if is_canceled else "its lease was taken over",
+                     KILL_GRACE_S if is_canceled else 0)
 
-    def renew_or_check(self):
+    def renew_or_check(self, run):
         """Renew the lease every lease_timeout / 3, else just read; whether the job is still ours."""
         lease_s = self.config["lease_timeout"]
         if time.monotonic() - self.lease_renewed_at < lease_s / 3:
-            return still_ours(self.conn, self.job)
-        is_ours = retry_busy(renew_lease, self.conn, self.job, lease_s)
-        self.lease_renewed_at = self.lease_ok_at = time.monotonic()
+            return self.db(still_ours, self.job)
+        asked_at = time.monotonic()  # the new lease counts from the asking, not the answer
+        is_ours = self.db(renew_lease, self.job, lease_s)
+        self.lease_renewed_at = asked_at
+        run.fence_at = self.fence_at(asked_at)
         return is_ours
+
+    def fence_at(self, leased_at):
+        """When to kill our job: before a lease taken at leased_at (monotonic) can pass to another worker."""
+        lease_s = self.config["lease_timeout"]
+        return leased_at + lease_s - min(1.0, lease_s / 4)
 
     def record(self, job, result):
         """Write the result (fenced by the lease token) and log it."""
         if result.stop_reason == FORCED_SHUTDOWN:
-            if retry_busy(return_job_uncounted, self.conn, job):
+            if self.db(return_job_uncounted, job):
                 log(f"{self.label} job {job['id']} interrupted; returned to pending uncounted")
             return
-        state = retry_busy(record_run, self.conn, job, result, self.config)
+        state = self.db(record_run, job, result, self.config)
         log(f"{self.label} job {job['id']} " + describe_outcome(job, result, state, self.config))
 
 
@@ -1816,7 +1885,7 @@ class Supervisor:
                 multiprocessing.connection.wait(waitables, timeout=SUPERVISOR_TICK_S)
                 drain(self.signal_r)
                 self.collect_exited()
-                self.maintain()
+                self.maintain_patiently()
         except BaseException:
             self.stop_workers_now()  # never leave workers behind us
             raise
@@ -1846,7 +1915,8 @@ class Supervisor:
         signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)  # the terminal closed: like SIGTERM
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # under nohup it stays ignored
+            signal.signal(signal.SIGHUP, self._on_signal)  # the terminal closed: like SIGTERM
         signal.signal(signal.SIGUSR1, self._on_stop_request)
 
     def _on_signal(self, signum, frame):
@@ -1913,6 +1983,15 @@ class Supervisor:
 
     # -- upkeep ------------------------------------------------------------
 
+    def maintain_patiently(self):
+        """maintain(), but a locked database only postpones it: workers keep their own leases."""
+        try:
+            self.maintain()
+        except sqlite3.OperationalError as e:
+            if not is_busy(e):
+                raise
+            log(f"supervisor: database busy ({e}); will try again")
+
     def maintain(self):
         """Each tick: act on signals and stop requests, beat, reap lost leases, end a burst."""
         self.act_on_signals()
@@ -1961,6 +2040,10 @@ class Supervisor:
         self.is_stopping = True
         self.exit_code = 128 + signum
         log("supervisor aborting: stopping running jobs and returning them to pending")
+        self.stop_workers_now()
+
+    def stop_workers_now(self):
+        """Abort the workers (SIGUSR1); kill any still there after the grace, and their jobs."""
         for process, _ in self.workers.values():
             kill_process(process.pid, signal.SIGUSR1)
         deadline = time.monotonic() + ABORT_GRACE_S + 2.0
@@ -1973,21 +2056,15 @@ class Supervisor:
                 self.return_jobs_of(slot, worker_id)
             del self.workers[slot]
 
-    def stop_workers_now(self):
-        """On an unexpected error: abort the workers, then kill what is left."""
-        for process, _ in self.workers.values():
-            kill_process(process.pid, signal.SIGUSR1)
-        for process, _ in self.workers.values():
-            process.join(ABORT_GRACE_S + 2.0)
-            if process.exitcode is None:
-                process.kill()
-
     def return_jobs_of(self, slot, worker_id):
-        """Kill a killed worker's job group and put its job back to pending uncounted."""
+        """Kill a killed worker's job group and put its job back to pending uncounted (if the db lets us)."""
         if self.job_pids[slot]:
             kill_group(self.job_pids[slot], signal.SIGKILL)
-        for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
-            retry_busy(return_job_uncounted, self.conn, job)
+        try:
+            for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
+                retry_busy(return_job_uncounted, self.conn, job)
+        except sqlite3.Error as e:  # its lease expires instead
+            log(f"could not return the job of a killed worker: {e}")
 
 
 QUEUE_HAS_WORK_SQL = """
@@ -2048,12 +2125,15 @@ def open_db_reaped(args):
 
 
 def reap_if_possible(conn):
-    """Reap expired leases, unless the database is busy or read-only: reading must still work."""
+    """Reap expired leases, unless the database is busy or read-only: reading must still work, at once."""
+    conn.execute("PRAGMA busy_timeout = 0")
     try:
         reap_expired_leases(conn)
     except sqlite3.OperationalError as e:
         if not (is_busy(e) or "readonly" in str(e)):
             raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s() * 1000)}")
 
 
 # ---------------------------------------------------------------------------
