@@ -1884,8 +1884,7 @@ class Supervisor:
                 waitables = [p.sentinel for p, _ in self.workers.values()] + [self.signal_r]
                 multiprocessing.connection.wait(waitables, timeout=SUPERVISOR_TICK_S)
                 drain(self.signal_r)
-                self.collect_exited()
-                self.maintain_patiently()
+                self.upkeep()
         except BaseException:
             self.stop_workers_now()  # never leave workers behind us
             raise
@@ -1983,9 +1982,15 @@ class Supervisor:
 
     # -- upkeep ------------------------------------------------------------
 
-    def maintain_patiently(self):
-        """maintain(), but a locked database only postpones it: workers keep their own leases."""
+    def upkeep(self):
+        """Collect exited workers, then maintain(); a locked database only postpones it.
+
+        Workers keep their own leases, so the supervisor has no reason to die on
+        a lock: a dead worker's job it could not return yet is reaped when its
+        lease runs out.
+        """
         try:
+            self.collect_exited()
             self.maintain()
         except sqlite3.OperationalError as e:
             if not is_busy(e):
