@@ -1,15 +1,45 @@
 # queuectl: one file, standard library only. These targets are for developers.
+#
+# The product needs nothing but Python. The test and lint tools live in a
+# git-ignored venv that `make test` / `make lint` create on first use, so a
+# fresh machine needs only python3 (with its venv module) and network to PyPI.
+#
+# PYTHON picks the interpreter: `make test PYTHON=python3.10` (or a path).
+# Each Python minor version gets its own venv, .venv/3.10, .venv/3.11, ...,
+# so switching between them does not rebuild or clobber the others.
 PYTHON ?= python3
 
-.PHONY: test lint demo bench bench-large
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV := .venv/$(PYVER)
+VPY := $(VENV)/bin/python
 
-test:  ## the whole suite (about a minute on 2 cores)
-	$(PYTHON) -m pytest -q -n 4 test_queuectl.py
+# The tools, pinned so every developer and CI run the same versions.
+# All of them support Python 3.10 to 3.13.
+TOOLS := pytest==9.2.0 pytest-xdist==3.8.0 ruff==0.17.6 vermin==1.9.2
 
-lint:  ## ruff, and vermin to keep the product runnable on Python 3.10
-	$(PYTHON) -m ruff check --isolated queuectl.py test_queuectl.py
-	vermin -t=3.10- --violations --no-tips queuectl.py
+# The stamp is touched only after pip succeeded, so an interrupted setup is
+# retried; it depends on the Makefile, so changing a pin above updates the
+# venv on the next run. (The venv's python itself can't be the target: it is a
+# symlink to an old interpreter binary, so make would always see it as stale.)
+STAMP := $(VENV)/.installed
 
+.PHONY: test lint venv demo bench bench-large
+
+test: $(STAMP)  ## the whole suite (about a minute on 2 cores)
+	$(VPY) -m pytest -q -n 4 test_queuectl.py
+
+lint: $(STAMP)  ## ruff, and vermin to keep the product runnable on Python 3.10
+	$(VPY) -m ruff check --isolated queuectl.py test_queuectl.py
+	$(VENV)/bin/vermin -t=3.10- --violations --no-tips queuectl.py
+
+venv: $(STAMP)  ## only set up the tools
+
+$(STAMP): Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check $(TOOLS)
+	touch $@
+
+# These need no venv: the product is stdlib-only.
 demo:
 	$(PYTHON) queuectl.py demo
 
