@@ -59,7 +59,7 @@ def counts_kept_and_counted(path):
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             conn.execute("BEGIN")
-            kept = {state: n for state, n in conn.execute("SELECT state, n FROM job_counts") if n}
+            kept = {state: n for state, n in conn.execute("SELECT state, sum(n) FROM job_counts GROUP BY state") if n}
             counted = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
             return kept, counted
     except sqlite3.Error:  # no file, a broken one on purpose, or another schema
@@ -232,20 +232,22 @@ def test_a_version_1_database_is_upgraded_with_its_counts(db):
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
                                 "canceled": 0}
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 3
     assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
     assert status()["jobs"]["completed"] == 0
 
 
-def test_claim_query_uses_the_due_index_with_and_without_queues(db):
+def test_claim_query_uses_the_ready_index_with_and_without_queues(db):
     cli("init")
     conn = queuectl.connect(db)
     try:
         for queues in ([], ["a", "b"]):
             sql, params = queuectl.claim_sql(queues)
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, {"now": 0, **params}))
-            assert "USING INDEX jobs_due" in plan, plan
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+            assert "USING INDEX jobs_ready" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queuectl.PROMOTE_DUE_SQL, {"now": 0}))
+        assert plan == "SEARCH jobs USING INDEX jobs_by_run_at (is_due=? AND run_at<?)", plan
     finally:
         conn.close()
 
@@ -482,7 +484,7 @@ def test_a_scheduled_job_waits_for_its_time_and_never_blocks_due_ones(fast):
     burst()
     later, now = show("later"), show("now")
     assert later["state"] == now["state"] == "completed"
-    assert queuectl.parse_time("t", later["started_at"]) >= started + 0.9
+    assert queuectl.parse_time("t", later["started_at"]) >= queuectl.parse_time("t", later["run_at"]) >= started
     assert now["started_at"] < later["started_at"]
 
 
@@ -2008,11 +2010,12 @@ def test_a_database_overwritten_in_the_middle_is_reported_corrupt_never_a_traceb
     make_db_with_jobs(path)
     overwrite_middle(path)
     corrupt = f"queuectl: error: database '{path}' is corrupt (database disk image is malformed); restore it from a backup"
-    for argv in (("status",), ("list", "--limit", "0")):  # these read every job
+    for argv in (("list", "--limit", "0"),):  # this reads every job
         result = run("--db", path, *argv)
         assert (result.returncode, result.stdout) == (1, ""), (argv, result.stderr)
         assert error_line(result.stderr) == corrupt
-    for argv in (("show", "j5"), ("show", "j150"), ("list",), ("enqueue", "-c", "true"), ("cancel", "j150")):
+    for argv in (("status",), ("show", "j5"), ("show", "j150"), ("list",), ("enqueue", "-c", "true"),
+                 ("cancel", "j150")):
         result = run("--db", path, *argv)  # may work when it never touches a broken page
         assert result.returncode in (0, 1), (argv, result.stderr)
         if result.returncode:
@@ -2527,6 +2530,194 @@ def test_a_job_inherits_no_fd_of_its_worker(fast, cwd, tmp_path):
                                 text=True, timeout=60, pass_fds=(stray.fileno(),), check=False)
     assert result.returncode == 0, result.stderr
     assert show("fds")["stdout"].split() == ["0", "1", "2"]
+
+
+# ---------------------------------------------------------------------------
+# Scale: nothing walks the jobs that wait for a later time
+# ---------------------------------------------------------------------------
+#
+# Costs are counted in SQLite virtual machine steps, which do not drift with
+# the machine's load: the same work beside 20,000 jobs scheduled for later
+# must take about the same number of steps as beside none.
+
+def vm_steps(conn, operation):
+    """How many SQLite VM steps operation() takes on conn."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    try:
+        operation()
+    finally:
+        conn.set_progress_handler(None, 1)
+    return steps[0]
+
+
+def add_jobs(conn, specs):
+    """Enqueue job objects in-process, all in one transaction (fast for thousands)."""
+    config, now = queuectl.load_config(conn), time.time()
+    return queuectl.enqueue_rows(conn, [queuectl.job_row(spec, config, now) for spec in specs])
+
+
+def costs_of_claim_and_reads(conn):
+    """VM steps of: a claim of the one due job, status's reads, `list --queue rare`, a burst check of 'rare'."""
+    add_jobs(conn, [{"command": "true", "queue": "rare"}])
+    supervisor = queuectl.Supervisor(conn_path(conn), 1, ["rare"], True)
+    supervisor.conn = conn
+    costs = {
+        "status": vm_steps(conn, lambda: (queuectl.count_by_state(conn), queuectl.oldest_runnable_age_s(conn))),
+        "list --queue": vm_steps(conn, lambda: queuectl.list_jobs(conn, None, "rare", 100)),
+        "burst check": vm_steps(conn, supervisor.queue_is_empty),
+        "claim": vm_steps(conn, lambda: queuectl.claim(conn, "w", queuectl.claim_sql([]), 30)),
+    }
+    conn.execute("DELETE FROM jobs WHERE queue = 'rare'")
+    return costs
+
+
+def conn_path(conn):
+    """The file a connection has open."""
+    return conn.execute("PRAGMA database_list").fetchone()[2]
+
+
+def test_a_claim_and_status_cost_the_same_beside_20000_jobs_not_yet_due(db):
+    cli("init")
+    conn = queuectl.connect(db)
+    try:
+        empty = costs_of_claim_and_reads(conn)
+        add_jobs(conn, [{"command": "true", "delay": 3600, "priority": 5} for _ in range(20_000)])
+        backlog = costs_of_claim_and_reads(conn)
+    finally:
+        conn.close()
+    for name, steps in empty.items():
+        assert backlog[name] <= steps * 1.5 + 100, (name, empty, backlog)
+
+
+def test_jobs_whose_time_came_are_claimed_by_priority_then_age(db):
+    cli("init")
+    conn = queuectl.connect(db)
+    try:
+        now = time.time()
+        add_jobs(conn, [{"command": "true", "id": "due-later-low", "run_at": now + 0.2},
+                        {"command": "true", "id": "due-later-high", "run_at": now + 0.3, "priority": 5},
+                        {"command": "true", "id": "due-now"},
+                        {"command": "true", "id": "far-off-high", "delay": 3600, "priority": 9}])
+        query = queuectl.claim_sql([])
+        assert queuectl.claim(conn, "w", query, 30, now=now)["id"] == "due-now"
+        assert queuectl.claim(conn, "w", query, 30, now=now + 0.1) is None
+        order = [queuectl.claim(conn, "w", query, 30, now=now + 1)["id"] for _ in range(2)]
+        assert order == ["due-later-high", "due-later-low"]
+        assert queuectl.claim(conn, "w", query, 30, now=now + 1) is None
+    finally:
+        conn.close()
+
+
+def test_a_version_2_database_is_upgraded_with_counts_per_queue_and_its_due_jobs_claimable(db):
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # what queuectl 1.0 with schema 2 wrote
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in queuectl.SCHEMA_V1 + queuectl.SCHEMA_V2:
+            conn.execute(statement)
+        for seq, (state, queue, run_at) in enumerate((("pending", "a", 0), ("pending", "b", 4e9),
+                                                      ("completed", "a", 0), ("failed", "b", 0)), 1):
+            conn.execute("INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, "
+                         "depends_on, deps_left, state, run_at, created_at, updated_at) "
+                         "VALUES (?, 'true', ?, 0, 3, 0, 0, '{}', '[]', 0, ?, ?, 0, 0)",
+                         (f"j{seq}", queue, state, run_at))
+        conn.execute("UPDATE job_counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = job_counts.state)")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    assert status()["jobs"] == {"pending": 2, "processing": 0, "completed": 1, "failed": 1, "dead": 0,
+                                "canceled": 0}
+    code, out, _ = cli("list", "--queue", "b", "--json")
+    assert code == 0 and sorted(job["id"] for job in json.loads(out)) == ["j2", "j4"]
+    conn = queuectl.connect(db)
+    try:
+        query = queuectl.claim_sql([])
+        claimed = [queuectl.claim(conn, "w", query, 30)["id"] for _ in range(2)]
+        assert (claimed, queuectl.claim(conn, "w", query, 30)) == (["j1", "j4"], None)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Faults: cancel + retry, ISO times on every Python, a worker that cannot start
+# ---------------------------------------------------------------------------
+
+def test_a_retried_job_waits_until_its_canceled_run_is_gone(db):
+    enqueue("-c", "true", "--id", "j")
+    conn = queuectl.connect(db)
+    try:
+        query = queuectl.claim_sql([])
+        job = queuectl.claim(conn, "w", query, 30)
+        assert cli("cancel", "j")[0] == 0
+        assert cli("retry", "j")[0] == 0
+        assert show("j")["state"] == "pending"
+        assert queuectl.claim(conn, "w", query, 30) is None  # the canceled run has not ended yet
+        stopped = queuectl.RunResult(exit_code=None, error="canceled")
+        assert queuectl.record_run(conn, job, stopped, queuectl.load_config(conn)) is None  # its worker: gone
+        assert queuectl.claim(conn, "w", query, 30)["id"] == "j"
+    finally:
+        conn.close()
+
+
+def test_a_retried_job_whose_canceled_run_lost_its_worker_runs_once_the_lease_is_over(db):
+    enqueue("-c", "true", "--id", "j")
+    conn = queuectl.connect(db)
+    try:
+        query = queuectl.claim_sql([])
+        queuectl.claim(conn, "w", query, 30)
+        assert cli("cancel", "j")[0] == 0 and cli("retry", "j")[0] == 0
+        assert queuectl.claim(conn, "w", query, 30, now=time.time() + 10) is None
+        assert queuectl.claim(conn, "w", query, 30, now=time.time() + 31)["id"] == "j"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-22T09:30:00.5Z", calendar.timegm((2026, 11, 22, 9, 30, 0)) + 0.5),
+    ("2026-11-22T09:30:00.123456789Z", calendar.timegm((2026, 11, 22, 9, 30, 0)) + 0.123456789),
+    ("2026-11-22T09:30:00,25+01:00", calendar.timegm((2026, 11, 22, 8, 30, 0)) + 0.25),
+    ("2026-11-22 09:30Z", calendar.timegm((2026, 11, 22, 9, 30, 0))),
+    ("2026-11-22T09:30:00+0530", calendar.timegm((2026, 11, 22, 4, 0, 0))),
+    ("2026-11-22T09:30:00-08", calendar.timegm((2026, 11, 22, 17, 30, 0))),
+    ("2026-11-22t09:30:00z".upper(), calendar.timegm((2026, 11, 22, 9, 30, 0))),
+])
+def test_iso_times_read_the_same_on_every_supported_python(text, expected):
+    assert queuectl.parse_time("run_at", text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ["2026-11-22T09:30:00.Z", "2026-11-22T9:30Z", "2026-11-22T09:30:00+2400",
+                                  "2026-11-22T09:30:00+01:60", "20261122T093000Z", "2026-11-22T09"])
+def test_iso_times_outside_the_documented_forms_are_refused(text):
+    with pytest.raises(queuectl.UsageError, match="run_at must be an ISO-8601 time"):
+        queuectl.parse_time("run_at", text)
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again_while_the_others_go_on(db, capfd):
+    import errno
+    cli("init")
+
+    class RefusedProcess:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    supervisor = queuectl.Supervisor(db, 2, [], False)
+    supervisor.conn = queuectl.connect(db, durable=False)
+    supervisor.mp = type("RefusingContext", (), {"Process": RefusedProcess})()
+    try:
+        supervisor.fill_pool()  # raised before: the supervisor aborted every running job
+        assert supervisor.workers == {}
+        assert supervisor.conn.execute("SELECT 1").fetchone()[0] == 1  # connection open again
+    finally:
+        supervisor.conn.close()
+    log = capfd.readouterr().err
+    assert "could not start worker 1: Resource temporarily unavailable; trying again in 1 s" in log
+    assert "could not start worker 2" in log
 
 
 # ---------------------------------------------------------------------------
