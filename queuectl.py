@@ -36,6 +36,7 @@ Exit codes: 0 done, 1 could not be done, 2 bad input, 124 `wait` timed out.
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -98,6 +99,18 @@ class QueueError(Exception):
     """The operation could not be done (exit 1); the message says what and why."""
 
     exit_code = 1
+
+
+class StorageError(QueueError):
+    """A database error, already one line for the user; kind says what it means to the caller.
+
+    kind: 'busy' (another holds a lock: worth retrying), 'lost' (the connection
+    dropped: reconnect, then retry), 'duplicate', 'corrupt', 'readonly', 'other'.
+    """
+
+    def __init__(self, message, kind="other"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class UsageError(QueueError):
@@ -465,12 +478,37 @@ SCHEMA_V3 = [
     """,
 ]
 
-# MIGRATIONS[v] brings a database at version v - 1 to version v. A release that
-# changes the schema appends a step; user_version says which steps are done.
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
-SCHEMA_VERSION = max(MIGRATIONS)
+# An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
+# A release that changes the schema adds a step to both engines and raises
+# SCHEMA_VERSION; the engine records which steps are done.
+SCHEMA_VERSION = 3
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts"}
 
+
+# ---------------------------------------------------------------------------
+# Storage: the seam between the queue and its database
+# ---------------------------------------------------------------------------
+#
+# The queue operations, the workers and the commands talk to an engine, never
+# to a database driver, and never ask which engine they have. SqliteEngine and
+# PostgresEngine below have the same small surface:
+#
+#   execute(sql, params), executemany(sql, rows)  SQL of the common subset with
+#       :named (or ?) parameters; rows read by name or by position
+#   transaction()        one change, all or nothing
+#   now()                the clock every lease and schedule is measured on
+#   waiting_at_most(s)   how long a statement may wait for another's lock
+#   claim_query(queues), PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL: the claim's SQL
+#   count_jobs(), add_to_counts(counts), has_work(queues): the job counts
+#   listen(worker_id), drain_wakeups(), wake_workers(): waking idle workers
+#   schema_version(), set_schema_version(v), foreign_tables(), MIGRATIONS
+#   reconnect(), close()
+#
+# A driver error leaves an engine as a StorageError, one line for the user,
+# whose kind tells the caller what it means: 'busy' (another holds a lock:
+# worth retrying), 'lost' (the connection dropped: reconnect, then retry),
+# 'duplicate', 'corrupt', 'readonly' or 'other'.
 
 MAX_BUSY_TIMEOUT_S = 86400.0  # SQLite takes the busy timeout as an int of milliseconds
 
@@ -496,6 +534,164 @@ def resolve_db_path(arg):
         raise UsageError("--db must name a database file, got ''")
     return arg or os.environ.get("QUEUECTL_DB") or "queuectl.db"
 
+
+def is_postgres_url(target):
+    """Whether --db names a PostgreSQL database rather than a SQLite file."""
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def connect(target, durable=True):
+    """The engine for --db: a PostgreSQL URL or a SQLite file path, created and migrated as needed.
+
+    durable=True makes every commit survive power loss before it returns
+    (commands); workers pass False where the engine can trade that for speed
+    (SQLite's synchronous=NORMAL): a power cut may undo their last claims and
+    results, which then run again (at least once).
+    """
+    if is_postgres_url(target):
+        return PostgresEngine(target)
+    return SqliteEngine(target, durable)
+
+
+def db_for_children(target):
+    """$QUEUECTL_DB for a job, so it can call queuectl on this database from any directory."""
+    return target if is_postgres_url(target) else os.path.abspath(target)
+
+
+def log_path_for(target):
+    """Where `worker start --detach` logs: <db>.log, or ./queuectl-<schema>.log for PostgreSQL."""
+    return f"queuectl-{pg_schema_name()}.log" if is_postgres_url(target) else target + ".log"
+
+
+def check_schema(engine):
+    """Refuse a database of a newer queuectl, or one that belongs to something else."""
+    version = engine.schema_version()
+    if version > SCHEMA_VERSION:
+        raise QueueError(f"the database has schema version {version}, newer than this queuectl "
+                         f"{__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
+    if version == 0:
+        foreign = engine.foreign_tables()
+        if foreign:
+            raise QueueError(engine.foreign_tables_message(foreign))
+    return version
+
+
+def migrate(engine):
+    """Bring the schema to SCHEMA_VERSION in one transaction, step by step."""
+    if engine.schema_version() == SCHEMA_VERSION:
+        return
+    with engine.transaction():
+        engine.lock_schema()
+        version = check_schema(engine)  # again under the lock: another process may have migrated
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in engine.MIGRATIONS.get(step, ()):
+                engine.execute(statement)
+        engine.set_schema_version(SCHEMA_VERSION)
+
+
+def is_busy(error):
+    """Whether an error is another process's lock: worth waiting for and trying again."""
+    return getattr(error, "kind", None) == "busy"
+
+
+def is_corrupt(error):
+    """Whether an error says the database is damaged or not a database at all."""
+    return getattr(error, "kind", None) == "corrupt"
+
+
+def retry_busy(operation, conn, *args, give_up_s=None, is_wanted=None):
+    """operation(conn, *args), retrying a busy database with backoff for up to give_up_s.
+
+    give_up_s defaults to the busy timeout; with give_up_s=math.inf it retries
+    for as long as is_wanted() (default: always) says the result is still wanted.
+    A lost connection is reconnected and retried the same way.
+
+    SQLite's own busy handler already waits; this also covers the SQLITE_BUSY
+    it returns at once (e.g. while a checkpoint or a WAL recovery runs), so a
+    heartbeat, a claim or a finish never fails on a momentary lock.
+    """
+    delay_s = 0.001
+    give_up_at = time.monotonic() + (busy_timeout_s() if give_up_s is None else give_up_s)
+    while True:
+        try:
+            return operation(conn, *args)
+        except StorageError as e:
+            if e.kind not in ("busy", "lost") or time.monotonic() >= give_up_at or (is_wanted and not is_wanted()):
+                raise
+            if e.kind == "lost":
+                try_to_reconnect(conn)
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.25)
+
+
+def try_to_reconnect(conn):
+    """Open the engine's connection again; a server still away is tried again by the caller."""
+    try:
+        conn.reconnect()
+    except StorageError as e:
+        if e.kind != "lost":
+            raise
+
+
+def if_possible(conn, operation, *args):
+    """operation(conn, *args) if the database lets us write at once, else nothing (None).
+
+    For a reader's tidying up (reaping leases, pruning dead workers): it never
+    waits for another process's lock, and a read-only database is no error.
+    """
+    try:
+        with conn.waiting_at_most(0):
+            return operation(conn, *args)
+    except StorageError as e:
+        if e.kind not in ("busy", "readonly"):
+            raise
+        return None
+
+
+class Result:
+    """A statement's rows, all read inside the engine (so a bad page fails there), and its rowcount."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows, rowcount):
+        self.rows, self.rowcount = rows, rowcount
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self):
+        return self.rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+class Engine:
+    """What both engines share; each defines the rest of the seam (see above)."""
+
+    LOCK_FOR_UPDATE = ""  # ends a read of rows the transaction goes on to change
+    LOCK_FOR_SHARE = ""  # ends a read of rows whose state the transaction counts on
+    location = None  # where the queue is, for people (`init`)
+
+    def claim_query(self, queues):
+        """The claim's SELECT, limited to queues (all when empty), with its parameters."""
+        names = {f"q{i}": queue for i, queue in enumerate(queues)}
+        queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
+        return self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter), names
+
+    @contextmanager
+    def waiting_at_most(self, seconds):
+        """Statements inside wait at most this long for another's lock, then fail busy."""
+        self.set_lock_wait(seconds)
+        try:
+            yield self
+        finally:
+            self.set_lock_wait(busy_timeout_s())
+
+
+# ---------------------------------------------------------------------------
+# Storage: SQLite, one file on one host
+# ---------------------------------------------------------------------------
 
 def prepare_db_file(path):
     """Refuse paths that cannot hold a database; create a missing file owner-only.
@@ -542,144 +738,609 @@ def is_refused(name):
     return True
 
 
-def connect(path, durable=True):
-    """Open the queue database at path (created and migrated as needed).
+class SqliteEngine(Engine):
+    """The queue in one SQLite file in WAL mode: any number of processes on one host.
 
-    durable=True fsyncs every commit (synchronous=FULL): what a command reports
-    done survives power loss. Workers pass False (NORMAL): a power cut may undo
-    their last claims and results, which then run again (at least once).
-    """
-    prepare_db_file(path)
-    conn = sqlite3.connect(path, timeout=busy_timeout_s(), isolation_level=None,
-                           check_same_thread=False)
-    try:
-        conn.row_factory = sqlite3.Row
-        check_schema(conn)  # refuse a newer or foreign database before changing anything
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
-        if durable and sys.platform == "darwin":  # macOS fsync() stops at the drive's cache
-            conn.execute("PRAGMA fullfsync = ON")
-        migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def check_schema(conn):
-    """Refuse a database of a newer queuectl, or one that belongs to something else."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise QueueError(f"the database has schema version {version}, newer than this queuectl "
-                         f"{__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
-    if version == 0:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables - OUR_TABLES:
-            raise QueueError(f"not a queuectl database: it has other tables ({', '.join(sorted(tables))})")
-    return version
-
-
-def migrate(conn):
-    """Bring the schema to SCHEMA_VERSION in one transaction, step by step."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
-    with immediate(conn):
-        version = check_schema(conn)  # again under the lock: another process may have migrated
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[step]:
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-@contextmanager
-def immediate(conn):
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: one change, all or nothing.
-
-    IMMEDIATE takes the write lock up front, so two claimers queue on the busy
+    The connection is in autocommit mode; transaction() is BEGIN IMMEDIATE,
+    which takes the write lock up front, so two claimers queue on the busy
     timeout instead of both reading the same job and one failing to upgrade.
+    Job counts are kept in job_counts by triggers (see SCHEMA_V2 and V3).
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-            conn.execute("ROLLBACK")
-        raise
 
+    MIGRATIONS = SQLITE_MIGRATIONS
 
-def is_busy(error):
-    """Whether a sqlite3 error is a lock held by another process."""
-    text = str(error)
-    return "locked" in text or "busy" in text
-
-
-def retry_busy(operation, *args, give_up_s=None, is_wanted=None):
-    """operation(*args), retrying 'database is locked' with backoff for up to give_up_s.
-
-    give_up_s defaults to the busy timeout; with give_up_s=math.inf it retries
-    for as long as is_wanted() (default: always) says the result is still wanted.
-
-    sqlite's own busy handler already waits; this also covers the SQLITE_BUSY
-    it returns at once (e.g. while a checkpoint or a WAL recovery runs), so a
-    heartbeat, a claim or a finish never fails on a momentary lock.
+    # The claim's first step: jobs whose run_at has come become due. Through
+    # jobs_by_run_at it reads only those, oldest first, never the jobs still
+    # scheduled for later. A job whose canceled run is still being stopped (its
+    # lease token kept by cancel_jobs) waits until that run is gone or its lease
+    # has run out: a job never runs twice at once, not even after cancel + retry.
+    PROMOTE_DUE_SQL = """
+    UPDATE jobs INDEXED BY jobs_by_run_at
+    SET is_due = 1
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 0
+      AND run_at <= :now
+      AND (lease_token IS NULL OR lease_until < :now)
     """
-    delay_s = 0.001
-    give_up_at = time.monotonic() + (busy_timeout_s() if give_up_s is None else give_up_s)
-    while True:
+
+    CLAIM_SELECT_SQL = """
+    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
+           state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
+           updated_at AS updated_at_before
+    FROM jobs INDEXED BY jobs_ready  -- never a sort of all pending jobs, whatever the planner thinks
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 1
+      {queue_filter}
+    ORDER BY priority DESC, seq
+    LIMIT 1
+    """
+
+    # One step into jobs_by_run_at for a value of is_due.
+    OLDEST_RUN_AT_SQL = """
+    SELECT min(run_at)
+    FROM jobs INDEXED BY jobs_by_run_at
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = :is_due
+    """
+
+    def __init__(self, path, durable=True):
+        prepare_db_file(path)
+        self.path = path
+        self.location = os.path.abspath(path)
+        self.wake_sock = None
         try:
-            return operation(*args)
-        except sqlite3.OperationalError as e:
-            if not is_busy(e) or time.monotonic() >= give_up_at or (is_wanted and not is_wanted()):
-                raise
-        time.sleep(delay_s)
-        delay_s = min(delay_s * 2, 0.25)
-
-
-def if_possible(conn, operation, *args):
-    """operation(conn, *args) if the database lets us write at once, else nothing (None).
-
-    For a reader's tidying up (reaping leases, pruning dead workers): it never
-    waits for another process's lock, and a read-only database is no error.
-    """
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        return operation(conn, *args)
-    except sqlite3.OperationalError as e:
-        if not (is_busy(e) or "readonly" in str(e)):
+            self.conn = sqlite3.connect(path, timeout=busy_timeout_s(), isolation_level=None,
+                                        check_same_thread=False)
+        except sqlite3.Error as e:
+            raise self.error(e) from e
+        try:
+            self.conn.row_factory = sqlite3.Row
+            check_schema(self)  # refuse a newer or foreign database before changing anything
+            if self.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.execute("PRAGMA journal_mode = WAL")
+            self.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
+            if durable and sys.platform == "darwin":  # macOS fsync() stops at the drive's cache
+                self.execute("PRAGMA fullfsync = ON")
+            migrate(self)
+        except BaseException:
+            self.close()
             raise
-        return None
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s() * 1000)}")
+
+    # -- statements and transactions ---------------------------------------
+
+    def execute(self, sql, params=()):
+        """Run one statement; its Result (rows are sqlite3.Row: by name or position)."""
+        try:
+            cursor = self.conn.execute(sql, params)
+            return Result(cursor.fetchall(), cursor.rowcount)  # SQLite may fail on any row it reads
+        except sqlite3.Error as e:
+            raise self.error(e) from e
+
+    def executemany(self, sql, rows):
+        """Run one statement for each of rows."""
+        try:
+            return Result([], self.conn.executemany(sql, rows).rowcount)
+        except sqlite3.Error as e:
+            raise self.error(e) from e
+
+    @contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: one change, all or nothing."""
+        self.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+            self.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                self.execute("ROLLBACK")
+            raise
+
+    def lock_schema(self):
+        """Nothing to do: BEGIN IMMEDIATE already holds the only write lock."""
+
+    def set_lock_wait(self, seconds):
+        """How long a statement may wait for another process's write lock (the busy timeout)."""
+        self.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+    def now(self):
+        """Epoch seconds: every process of the one host shares the clock."""
+        return time.time()
+
+    def reconnect(self):
+        """A file does not go away like a server: nothing to do."""
+
+    def close(self):
+        """Close the connection and any wake-up socket."""
+        if self.wake_sock is not None:
+            self.wake_sock.close()
+        self.conn.close()
+
+    # -- schema --------------------------------------------------------------
+
+    def schema_version(self):
+        """The schema version written by the last migration (0: none yet)."""
+        return self.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, version):
+        """Record the schema version (inside the migration's transaction)."""
+        self.execute(f"PRAGMA user_version = {int(version)}")
+
+    def foreign_tables(self):
+        """Tables of a database at version 0 that are not queuectl's."""
+        tables = {r[0] for r in self.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return sorted(tables) if tables - OUR_TABLES else []
+
+    def foreign_tables_message(self, tables):
+        """Why a database with other tables is refused."""
+        return f"not a queuectl database: it has other tables ({', '.join(tables)})"
+
+    # -- the claim and the counts ----------------------------------------------
+
+    def count_jobs(self):
+        """{(queue, state): count}, read from job_counts, not counted."""
+        return {(row[0], row[1]): row[2] for row in self.execute("SELECT queue, state, n FROM job_counts")}
+
+    def add_to_counts(self, counts):
+        """job_counts += counts ({(queue, state): n}) for new jobs; a new queue gets its rows first."""
+        self.executemany("INSERT OR IGNORE INTO job_counts (queue, state, n) VALUES (?, ?, 0)",
+                         [(queue, state) for queue in {queue for queue, _ in counts} for state in STATES])
+        self.executemany("UPDATE job_counts SET n = n + ? WHERE queue = ? AND state = ?",
+                         [(n, queue, state) for (queue, state), n in counts.items()])
+
+    def has_work(self, queues):
+        """Whether a job of queues (all when empty) is pending, failed or processing."""
+        queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
+        return self.execute(f"""
+            SELECT 1
+            FROM job_counts
+            WHERE state IN ('pending', 'failed', 'processing')
+              AND n > 0
+              {queue_filter}
+            LIMIT 1
+            """, list(queues)).fetchone() is not None
+
+    # -- waking idle workers: an abstract unix datagram socket each (Linux) ------
+
+    def listen(self, worker_id):
+        """Listen for nudges; (a selectable, the address for the registry), or (None, None) off Linux."""
+        import socket
+        if not sys.platform.startswith("linux"):
+            return None, None
+        address = f"queuectl/{worker_id}"
+        self.wake_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.wake_sock.bind("\0" + address)
+        self.wake_sock.setblocking(False)
+        return self.wake_sock, address
+
+    def drain_wakeups(self):
+        """Forget the nudges that arrived."""
+        drain(self.wake_sock)
+
+    def wake_workers(self):
+        """Nudge idle workers so a new job starts now, not at their next poll.
+
+        A lost or refused nudge is harmless: every worker still polls every
+        poll_interval.
+        """
+        addresses = [r[0] for r in self.execute("SELECT wake_addr FROM workers WHERE wake_addr IS NOT NULL")]
+        if not addresses:
+            return
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for address in addresses:
+                try:
+                    sock.sendto(b"!", "\0" + address)
+                except OSError:
+                    pass  # gone, or its buffer is full: it is awake anyway
+
+    # -- errors ----------------------------------------------------------------
+
+    def error(self, error):
+        """A sqlite3 error as a StorageError: one line that names the database and what to do."""
+        path, text = self.path, str(error)
+        if isinstance(error, sqlite3.IntegrityError):
+            return StorageError(f"database '{path}': {text}", "duplicate")
+        if "locked" in text or "busy" in text:
+            return StorageError(f"database '{path}' is locked: another process held its write lock for "
+                                f"more than {seconds_text(busy_timeout_s())} ({text})", "busy")
+        if "readonly" in text:
+            return StorageError(f"database '{path}' is read-only ({text}); check the file's and its "
+                                "directory's permissions", "readonly")
+        if "full" in text:
+            return StorageError(f"database '{path}': the disk is full or the file is too large ({text}); "
+                                "nothing was changed")
+        if "not a database" in text:
+            return StorageError(f"'{path}' is not a SQLite database ({text})", "corrupt")
+        if "malformed" in text or "corrupt" in text:
+            return StorageError(f"database '{path}' is corrupt ({text}); restore it from a backup", "corrupt")
+        if "unable to open" in text:
+            return StorageError(f"cannot open database '{path}' ({text}); check the permissions of it and "
+                                "its directory")
+        if "disk I/O" in text:
+            return StorageError(f"database '{path}': {text}: the disk may be full, a file size limit "
+                                "reached, or the disk failing; nothing was changed")
+        return StorageError(f"database '{path}': {text}")
 
 
-def is_corrupt(error):
-    """Whether a sqlite3 error says the file is damaged or not a database at all."""
-    text = str(error)
-    return isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text)
+# ---------------------------------------------------------------------------
+# Storage: PostgreSQL, one queue for many hosts
+# ---------------------------------------------------------------------------
+
+PG_SCHEMA_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+PG_PARAM_RE = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)|\?")  # :name or ?, never a ::cast
+
+# Version 3, the first on PostgreSQL: the same tables, columns and partial
+# indexes as on SQLite (see SCHEMA_V1 to V3), in a schema of their own. Job
+# counts are counted when asked (no counter rows every worker would queue on).
+PG_SCHEMA_V3 = [
+    """
+    CREATE TABLE jobs (
+        seq          bigserial PRIMARY KEY,
+        id           text NOT NULL UNIQUE,
+        command      text NOT NULL,
+        queue        text NOT NULL,
+        priority     integer NOT NULL,
+        max_retries  integer NOT NULL,
+        timeout_s    double precision NOT NULL,
+        delay_s      double precision NOT NULL,
+        env          text NOT NULL,
+        cwd          text,
+        depends_on   text NOT NULL,
+        deps_left    integer NOT NULL,
+        state        text NOT NULL,
+        attempts     integer NOT NULL DEFAULT 0,
+        run_at       double precision NOT NULL,
+        is_due       integer NOT NULL DEFAULT 0,
+        worker_id    text,
+        lease_token  text,
+        lease_until  double precision,
+        exit_code    integer,
+        last_error   text,
+        stdout       text NOT NULL DEFAULT '',
+        stdout_cut   bigint NOT NULL DEFAULT 0,
+        stderr       text NOT NULL DEFAULT '',
+        stderr_cut   bigint NOT NULL DEFAULT 0,
+        created_at   double precision NOT NULL,
+        updated_at   double precision NOT NULL,
+        started_at   double precision,
+        finished_at  double precision
+    )
+    """,
+    """
+    CREATE INDEX jobs_ready ON jobs (priority DESC, seq)
+    WHERE state IN ('pending', 'failed') AND deps_left = 0 AND is_due = 1
+    """,
+    """
+    CREATE INDEX jobs_by_run_at ON jobs (is_due, run_at)
+    WHERE state IN ('pending', 'failed') AND deps_left = 0
+    """,
+    "CREATE INDEX jobs_by_state ON jobs (state, seq)",
+    "CREATE INDEX jobs_by_queue ON jobs (queue, state, seq)",
+    "CREATE INDEX jobs_leased ON jobs (lease_until) WHERE state = 'processing'",
+    """
+    CREATE TABLE deps (
+        depends_on  text NOT NULL,
+        job_id      text NOT NULL,
+        PRIMARY KEY (depends_on, job_id)
+    )
+    """,
+    "CREATE TABLE config (key text PRIMARY KEY, value text NOT NULL)",
+    """
+    CREATE TABLE workers (
+        id              text PRIMARY KEY,
+        kind            text NOT NULL,
+        supervisor_id   text,
+        host            text NOT NULL,
+        pid             integer NOT NULL,
+        queues          text NOT NULL,
+        started_at      double precision NOT NULL,
+        heartbeat_at    double precision NOT NULL,
+        wake_addr       text,
+        stop_requested  integer NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE TABLE meta (version integer NOT NULL)",
+]
 
 
-def describe_db_error(error, path):
-    """A sqlite3 error as one line that names the database and what to do."""
-    text = str(error)
-    if is_busy(error):
-        return (f"database '{path}' is locked: another process held its write lock for more "
-                f"than {seconds_text(busy_timeout_s())} ({text})")
-    if "readonly" in text:
-        return f"database '{path}' is read-only ({text}); check the file's and its directory's permissions"
-    if "full" in text:
-        return f"database '{path}': the disk is full or the file is too large ({text}); nothing was changed"
-    if "not a database" in text:
-        return f"'{path}' is not a SQLite database ({text})"
-    if "malformed" in text or "corrupt" in text:
-        return f"database '{path}' is corrupt ({text}); restore it from a backup"
-    if "unable to open" in text:
-        return f"cannot open database '{path}' ({text}); check the permissions of it and its directory"
-    if "disk I/O" in text:
-        return (f"database '{path}': {text}: the disk may be full, a file size limit reached, or the "
-                "disk failing; nothing was changed")
-    return f"database '{path}': {text}"
+PG_MIGRATIONS = {3: PG_SCHEMA_V3}  # PostgreSQL came with version 3: its first step is the whole schema
+
+
+class PgRow:
+    """A result row readable by column name or by position, like sqlite3.Row."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index, values):
+        self._index, self._values = index, values
+
+    def __getitem__(self, key):
+        return self._values[self._index[key]] if isinstance(key, str) else self._values[key]
+
+    def keys(self):
+        return list(self._index)
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+def pg_row_factory(cursor):
+    """psycopg row factory for PgRow."""
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: PgRow(index, values)
+
+
+@functools.lru_cache(maxsize=256)
+def pg_sql(sql):
+    """The common subset's SQL in psycopg's spelling: %(name)s and %s, a literal % doubled."""
+    return PG_PARAM_RE.sub(lambda m: f"%({m.group(1)})s" if m.group(1) else "%s", sql.replace("%", "%%"))
+
+
+def pg_schema_name():
+    """The schema that holds the queue's tables: $QUEUECTL_PG_SCHEMA, else queuectl."""
+    name = os.environ.get("QUEUECTL_PG_SCHEMA") or "queuectl"
+    if not PG_SCHEMA_NAME_RE.fullmatch(name):
+        raise UsageError(f"QUEUECTL_PG_SCHEMA must be 1-63 letters, digits or _ starting with a letter "
+                         f"or _, got '{name}'")
+    return name
+
+
+def redacted_url(url):
+    """A PostgreSQL URL without its password or parameters, fit to print."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://(unreadable URL)"
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+class PostgresEngine(Engine):
+    """The queue in a PostgreSQL database: any number of processes on any number of hosts.
+
+    The connection is in autocommit mode; transaction() is BEGIN ... COMMIT at
+    READ COMMITTED. The claim takes its job with FOR UPDATE SKIP LOCKED, so
+    claimers never wait for each other; a command that reads a job to change
+    it locks that row (FOR UPDATE), and a dependency it counts (FOR SHARE),
+    which SQLite's single write lock did for them. Leases are measured on the
+    server's clock, so hosts whose clocks differ still agree on them. Idle
+    workers LISTEN on a channel that enqueue NOTIFYs.
+    """
+
+    MIGRATIONS = PG_MIGRATIONS
+    LOCK_FOR_UPDATE = "FOR UPDATE"
+    LOCK_FOR_SHARE = "FOR SHARE"
+
+    PROMOTE_DUE_SQL = """
+    UPDATE jobs
+    SET is_due = 1
+    WHERE seq IN (
+        SELECT seq
+        FROM jobs
+        WHERE state IN ('pending', 'failed')
+          AND deps_left = 0
+          AND is_due = 0
+          AND run_at <= :now
+          AND (lease_token IS NULL OR lease_until < :now)
+        FOR UPDATE SKIP LOCKED
+    )
+    """
+
+    CLAIM_SELECT_SQL = """
+    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
+           state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
+           updated_at AS updated_at_before
+    FROM jobs
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 1
+      {queue_filter}
+    ORDER BY priority DESC, seq
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+    """
+
+    OLDEST_RUN_AT_SQL = """
+    SELECT min(run_at)
+    FROM jobs
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = :is_due
+    """
+
+    def __init__(self, url):
+        try:
+            import psycopg
+        except ImportError:
+            raise QueueError('a postgresql database needs the psycopg package: '
+                             'python3 -m pip install "psycopg[binary]"') from None
+        self.psycopg = psycopg
+        self.url, self.schema = url, pg_schema_name()
+        self.path = redacted_url(url)
+        self.location = f"{self.path} (schema {self.schema})"
+        self.wake_channel = f"{self.schema}_wake"
+        self.conn = None
+        self.open()
+        try:
+            check_schema(self)
+            migrate(self)
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self):
+        """Connect, put our schema first on the search path, and learn the server's clock."""
+        try:
+            self.conn = self.psycopg.connect(self.url, autocommit=True, row_factory=pg_row_factory,
+                                             connect_timeout=10)
+        except self.psycopg.Error as e:
+            raise StorageError(f"cannot connect to {self.path}: {self.one_line(e)}", "lost") from e
+        self.execute(f'SET search_path TO "{self.schema}"')
+        self.set_lock_wait(busy_timeout_s())
+        asked_at = time.time()
+        server_s = float(self.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+        self.clock_offset_s = server_s - (asked_at + time.time()) / 2
+
+    # -- statements and transactions ---------------------------------------
+
+    def execute(self, sql, params=()):
+        """Run one statement; its Result (rows are PgRow: by name or position)."""
+        try:
+            cursor = self.conn.execute(pg_sql(sql), params or None)
+            return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+        except self.psycopg.Error as e:
+            raise self.error(e) from e
+
+    def executemany(self, sql, rows):
+        """Run one statement for each of rows."""
+        rows = list(rows)
+        if not rows:
+            return Result([], 0)
+        try:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(pg_sql(sql), rows)
+                return Result([], cursor.rowcount)
+        except self.psycopg.Error as e:
+            raise self.error(e) from e
+
+    @contextmanager
+    def transaction(self):
+        """BEGIN ... COMMIT, rolled back on any error: one change, all or nothing."""
+        try:
+            with self.conn.transaction():
+                yield self
+        except self.psycopg.Error as e:  # raised by the COMMIT itself
+            raise self.error(e) from e
+
+    def lock_schema(self):
+        """Serialize migrations across hosts, and create the schema if it is new."""
+        self.execute("SELECT pg_advisory_xact_lock(hashtext(:name))", {"name": f"queuectl:{self.schema}"})
+        self.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+
+    def set_lock_wait(self, seconds):
+        """How long a statement may wait for a row another transaction holds (lock_timeout)."""
+        self.execute(f"SET lock_timeout = {max(int(seconds * 1000), 1)}")  # 0 would mean forever
+
+    def now(self):
+        """Epoch seconds on the server's clock: every host measures leases alike."""
+        return time.time() + self.clock_offset_s
+
+    def reconnect(self):
+        """Open a new connection after the old one was lost."""
+        self.close()
+        self.open()
+        if self.listening:
+            self.execute(f'LISTEN "{self.wake_channel}"')
+
+    def close(self):
+        """Close the connection."""
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- schema --------------------------------------------------------------
+
+    def schema_version(self):
+        """The schema version written by the last migration (0: none yet)."""
+        if self.execute("SELECT to_regclass(:name)", {"name": f'"{self.schema}".meta'}).fetchone()[0] is None:
+            return 0
+        row = self.execute("SELECT version FROM meta").fetchone()
+        return row[0] if row else 0
+
+    def set_schema_version(self, version):
+        """Record the schema version (inside the migration's transaction)."""
+        self.execute("DELETE FROM meta")
+        self.execute("INSERT INTO meta (version) VALUES (:version)", {"version": version})
+
+    def foreign_tables(self):
+        """Tables in our schema, before it is at any version, that are not queuectl's."""
+        tables = {r[0] for r in self.execute("SELECT tablename FROM pg_tables WHERE schemaname = :schema",
+                                             {"schema": self.schema})}
+        return sorted(tables) if tables - OUR_TABLES - {"meta"} else []
+
+    def foreign_tables_message(self, tables):
+        """Why a schema with other tables is refused."""
+        return (f"schema '{self.schema}' of {self.path} holds other tables ({', '.join(tables)}); "
+                "name another one with $QUEUECTL_PG_SCHEMA")
+
+    # -- the counts ----------------------------------------------------------------
+
+    def count_jobs(self):
+        """{(queue, state): count}, counted."""
+        return {(row[0], row[1]): row[2] for row in
+                self.execute("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
+
+    def add_to_counts(self, counts):
+        """Nothing to keep: jobs are counted when asked."""
+
+    def has_work(self, queues):
+        """Whether a job of queues (all when empty) is pending, failed or processing."""
+        queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
+        return self.execute(f"""
+            SELECT 1
+            FROM jobs
+            WHERE state IN ('pending', 'failed', 'processing')
+              {queue_filter}
+            LIMIT 1
+            """, list(queues)).fetchone() is not None
+
+    # -- waking idle workers: LISTEN / NOTIFY, on every host -------------------------
+
+    listening = False
+
+    def listen(self, worker_id):
+        """LISTEN for nudges on this connection; (its fd, no registry address)."""
+        self.execute(f'LISTEN "{self.wake_channel}"')
+        self.listening = True
+        return self.conn.fileno(), None
+
+    def drain_wakeups(self):
+        """Read and forget the notifications that arrived (never read the socket ourselves)."""
+        try:
+            self.conn.pgconn.consume_input()
+            while self.conn.pgconn.notifies() is not None:
+                pass
+        except self.psycopg.Error:
+            pass  # a lost connection shows itself at the next statement
+
+    def wake_workers(self):
+        """NOTIFY every listening worker, on every host."""
+        self.execute(f'NOTIFY "{self.wake_channel}"')
+
+    # -- errors ----------------------------------------------------------------
+
+    def one_line(self, error):
+        """A driver error's text on one line, the password never in it."""
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        from urllib.parse import urlsplit
+        try:
+            password = urlsplit(self.url).password
+        except ValueError:
+            password = None
+        return text.replace(password, "***") if password else text
+
+    def error(self, error):
+        """A psycopg error as a StorageError: one line that names the database."""
+        state, text = getattr(error, "sqlstate", None) or "", self.one_line(error)
+        if self.conn is None or self.conn.closed or isinstance(error, self.psycopg.OperationalError) and not state:
+            return StorageError(f"lost the connection to {self.path}: {text}", "lost")
+        if state in ("55P03", "40P01", "40001"):  # lock_not_available, deadlock, serialization
+            return StorageError(f"database {self.path} is busy: another transaction held a lock for more "
+                                f"than {seconds_text(busy_timeout_s())} ({text})", "busy")
+        if state == "23505":
+            return StorageError(f"database {self.path}: {text}", "duplicate")
+        if state == "25006":
+            return StorageError(f"database {self.path} is read-only ({text})", "readonly")
+        return StorageError(f"database {self.path}: {text}")
 
 
 # ---------------------------------------------------------------------------
@@ -716,8 +1377,11 @@ def parse_config_value(key, text):
 
 def set_config(conn, key, value):
     """Store one config value (already checked)."""
-    with immediate(conn):
-        conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+    with conn.transaction():
+        conn.execute("""
+            INSERT INTO config (key, value) VALUES (:key, :value)
+            ON CONFLICT (key) DO UPDATE SET value = excluded.value
+            """, {"key": key, "value": json.dumps(value)})
 
 
 # ---------------------------------------------------------------------------
@@ -833,7 +1497,7 @@ def link_dependencies(conn, rows, line_of):
         for dep in row["depends_on"]:
             if dep == row["id"]:
                 raise UsageError(f"{line_of(row)}depends_on: job '{dep}' cannot depend on itself")
-            state = earlier[dep]["state"] if dep in earlier else job_state(conn, dep)
+            state = earlier[dep]["state"] if dep in earlier else job_state(conn, dep, conn.LOCK_FOR_SHARE)
             if state is None:
                 raise QueueError(f"{line_of(row)}depends_on: job '{dep}' not found")
             if state in ("dead", "canceled") and row["state"] != "canceled":
@@ -844,9 +1508,13 @@ def link_dependencies(conn, rows, line_of):
         earlier[row["id"]] = row
 
 
-def job_state(conn, job_id):
-    """The state of one job, or None if there is no such job."""
-    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def job_state(conn, job_id, lock=""):
+    """The state of one job, or None if there is no such job.
+
+    lock is conn.LOCK_FOR_SHARE when the caller's transaction counts on that
+    state (a dependency): on PostgreSQL it then cannot change until we commit.
+    """
+    row = conn.execute(f"SELECT state FROM jobs WHERE id = ? {lock}", (job_id,)).fetchone()
     return row[0] if row else None
 
 
@@ -858,7 +1526,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
     """
     line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
     try:
-        with immediate(conn):
+        with conn.transaction():
             rows = drop_duplicates(conn, rows, if_absent, line_of)
             link_dependencies(conn, rows, line_of)
             conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
@@ -867,7 +1535,9 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
             conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
                              [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
             count_new_jobs(conn, rows)  # in the same transaction: jobs and counts, or neither
-    except sqlite3.IntegrityError:
+    except StorageError as e:
+        if e.kind != "duplicate":
+            raise
         # Rolled back by now, so the ids that exist are the ones that clashed.
         clash = next((row for row in rows if job_state(conn, row["id"]) is not None), None)
         if clash is None:
@@ -882,16 +1552,7 @@ def count_new_jobs(conn, rows):
 
     Every INSERT into jobs must do this: here, and the benchmark's fill_finished_jobs().
     """
-    new_by_key = collections.Counter((row["queue"], row["state"]) for row in rows)
-    add_to_counts(conn, new_by_key)
-
-
-def add_to_counts(conn, counts):
-    """job_counts += counts ({(queue, state): n}); a queue seen for the first time gets its rows."""
-    conn.executemany("INSERT OR IGNORE INTO job_counts (queue, state, n) VALUES (?, ?, 0)",
-                     [(queue, state) for queue in {queue for queue, _ in counts} for state in STATES])
-    conn.executemany("UPDATE job_counts SET n = n + ? WHERE queue = ? AND state = ?",
-                     [(n, queue, state) for (queue, state), n in counts.items()])
+    conn.add_to_counts(collections.Counter((row["queue"], row["state"]) for row in rows))
 
 
 def drop_duplicates(conn, rows, if_absent, line_of):
@@ -911,34 +1572,6 @@ def drop_duplicates(conn, rows, if_absent, line_of):
 # ---------------------------------------------------------------------------
 # Queue operations: claim, finish, retry rules
 # ---------------------------------------------------------------------------
-
-# The claim's first step: jobs whose run_at has come become due. Through
-# jobs_by_run_at it reads only those, oldest first, never the jobs still
-# scheduled for later. A job whose canceled run is still being stopped (its
-# lease token kept by cancel_jobs) waits until that run is gone or its lease
-# has run out: a job never runs twice at once, not even after cancel + retry.
-PROMOTE_DUE_SQL = """
-UPDATE jobs INDEXED BY jobs_by_run_at
-SET is_due = 1
-WHERE state IN ('pending', 'failed')
-  AND deps_left = 0
-  AND is_due = 0
-  AND run_at <= :now
-  AND (lease_token IS NULL OR lease_until < :now)
-"""
-
-CLAIM_SELECT_SQL = """
-SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
-       state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
-       updated_at AS updated_at_before
-FROM jobs INDEXED BY jobs_ready  -- never a sort of all pending jobs, whatever the planner thinks
-WHERE state IN ('pending', 'failed')
-  AND deps_left = 0
-  AND is_due = 1
-  {queue_filter}
-ORDER BY priority DESC, seq
-LIMIT 1
-"""
 
 CLAIM_UPDATE_SQL = """
 UPDATE jobs
@@ -993,7 +1626,7 @@ UPDATE jobs
 SET deps_left = deps_left - 1,
     updated_at = :now
 WHERE id IN (SELECT job_id FROM deps WHERE depends_on = :id)
-  AND +state IN ('pending', 'failed')  -- '+': find dependents by id, never scan by state
+  AND state || '' IN ('pending', 'failed')  -- "|| ''": find dependents by id, never scan by state
 """
 
 CANCEL_DEPENDENTS_SQL = """
@@ -1007,16 +1640,9 @@ SET state = 'canceled',
     last_error = :reason,
     finished_at = :now,
     updated_at = :now
-WHERE id IN doomed
-  AND +state IN ('pending', 'failed')  -- '+': as above
+WHERE id IN (SELECT id FROM doomed)
+  AND state || '' IN ('pending', 'failed')  -- as above
 """
-
-
-def claim_sql(queues):
-    """The claim's SELECT, limited to queues (all when empty), with its parameters."""
-    names = {f"q{i}": queue for i, queue in enumerate(queues)}
-    queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
-    return CLAIM_SELECT_SQL.format(queue_filter=queue_filter), names
 
 
 def claim(conn, worker_id, claim_query, lease_s, now=None):
@@ -1029,9 +1655,9 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
     """
     sql, params = claim_query
     claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
-    now = time.time() if now is None else now
-    with immediate(conn):
-        conn.execute(PROMOTE_DUE_SQL, {"now": now})
+    now = conn.now() if now is None else now
+    with conn.transaction():
+        conn.execute(conn.PROMOTE_DUE_SQL, {"now": now})
         job = conn.execute(sql, params).fetchone()
         if job is None:
             return None
@@ -1064,8 +1690,8 @@ def record_run(conn, job, result, config, now=None):
     canceled, or reclaimed after its lease ran out) and nothing was written.
     Completion releases the job's dependents; death cancels them.
     """
-    now = time.time() if now is None else now
-    with immediate(conn):
+    now = conn.now() if now is None else now
+    with conn.transaction():
         state = write_run(conn, job, result, config, now)
         if state is None:
             conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
@@ -1123,10 +1749,10 @@ def fail_lost_jobs(conn, where_sql, params, reason, now=None):
     where_sql selects the jobs (expired leases, or one dead worker's). Returns
     [(id, new_state)].
     """
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     config = load_config(conn)
     settled = []
-    with immediate(conn):
+    with conn.transaction():
         for job in conn.execute(f"SELECT * FROM jobs WHERE state = 'processing' AND {where_sql}",
                                 params).fetchall():
             state = write_run(conn, dict(job), RunResult(error=reason), config, now)
@@ -1140,7 +1766,7 @@ def reap_expired_leases(conn, now=None):
     Cheap when there is nothing to do (one read of a small index), so any
     command may call it; this is how a job comes back even with no worker alive.
     """
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     if conn.execute("SELECT 1 FROM jobs WHERE state = 'processing' AND lease_until < ? LIMIT 1",
                     (now,)).fetchone() is None:
         return []
@@ -1150,8 +1776,8 @@ def reap_expired_leases(conn, now=None):
 
 def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not counted", now=None):
     """Put an interrupted job back to pending without counting the run (forced shutdown)."""
-    now = time.time() if now is None else now
-    with immediate(conn):
+    now = conn.now() if now is None else now
+    with conn.transaction():
         return conn.execute("""
             UPDATE jobs
             SET state = 'pending', attempts = attempts - 1, last_error = :reason,
@@ -1181,7 +1807,7 @@ WHERE seq = :seq
 
 def give_back(conn, job):
     """Undo a claim whose job never started: the job is exactly as it was before."""
-    with immediate(conn):
+    with conn.transaction():
         conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
             "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
             "updated_at_before")})
@@ -1189,7 +1815,7 @@ def give_back(conn, job):
 
 def renew_lease(conn, job, lease_s, now=None):
     """Extend a running job's lease; False if it is no longer ours (canceled or reclaimed)."""
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     return conn.execute("""
         UPDATE jobs
         SET lease_until = :lease_until
@@ -1210,11 +1836,14 @@ def still_ours(conn, job):
 # Queue operations: cancel, retry, purge, reading
 # ---------------------------------------------------------------------------
 
-def fetch_jobs(conn, ids):
-    """The rows of the named jobs, in the order named; an unknown id is an error."""
+def fetch_jobs(conn, ids, lock=""):
+    """The rows of the named jobs, in the order named; an unknown id is an error.
+
+    lock is conn.LOCK_FOR_UPDATE when the caller's transaction changes them.
+    """
     jobs = []
     for job_id in dict.fromkeys(ids):
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if JOB_ID_RE.fullmatch(
+        row = conn.execute(f"SELECT * FROM jobs WHERE id = ? {lock}", (job_id,)).fetchone() if JOB_ID_RE.fullmatch(
             job_id) else None  # an id that breaks the rules cannot exist (and may not even encode)
         if row is None:
             raise QueueError(f"job '{job_id}' not found")
@@ -1230,9 +1859,9 @@ def cancel_jobs(conn, ids, now=None):
     Retried meanwhile, it starts again only once that run is gone.
     Returns the canceled rows as they were before.
     """
-    now = time.time() if now is None else now
-    with immediate(conn):
-        jobs = fetch_jobs(conn, ids)
+    now = conn.now() if now is None else now
+    with conn.transaction():
+        jobs = fetch_jobs(conn, ids, conn.LOCK_FOR_UPDATE)
         for job in jobs:
             if job["state"] not in CANCELABLE_STATES:
                 raise QueueError(f"job '{job['id']}' is {job['state']}; only pending, failed or "
@@ -1256,12 +1885,12 @@ def retry_jobs(conn, ids=None, states=RETRYABLE_STATES, now=None):
     A job whose dependency is dead or canceled is refused: retry that one first.
     Returns the ids retried.
     """
-    now = time.time() if now is None else now
-    with immediate(conn):
+    now = conn.now() if now is None else now
+    with conn.transaction():
         if ids is None:
-            jobs = conn.execute("SELECT * FROM jobs WHERE state = 'dead' ORDER BY seq").fetchall()
+            jobs = conn.execute(f"SELECT * FROM jobs WHERE state = 'dead' ORDER BY seq {conn.LOCK_FOR_UPDATE}").fetchall()
         else:
-            jobs = fetch_jobs(conn, ids)
+            jobs = fetch_jobs(conn, ids, conn.LOCK_FOR_UPDATE)
         for job in jobs:
             if job["state"] not in states:
                 raise QueueError(f"job '{job['id']}' is {job['state']}; only {' or '.join(states)} jobs "
@@ -1282,7 +1911,7 @@ def unmet_dependencies(conn, job):
     """
     unmet = 0
     for dep in json.loads(job["depends_on"]):
-        state = job_state(conn, dep)
+        state = job_state(conn, dep, conn.LOCK_FOR_SHARE)
         if state in ("dead", "canceled"):
             raise QueueError(f"job '{job['id']}' depends on '{dep}', which is {state}; retry '{dep}' first")
         if state not in (None, "completed"):
@@ -1292,14 +1921,14 @@ def unmet_dependencies(conn, job):
 
 def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
     """Delete jobs in the given end states, finished before now - older_than_s. Return how many."""
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     for state in states:
         if state not in END_STATES:
             raise UsageError(f"purge deletes only jobs in end states ({', '.join(END_STATES)}), not '{state}'")
     marks = ", ".join("?" for _ in states)
     where = f"state IN ({marks}) AND coalesce(finished_at, updated_at) < ?"
     params = [*states, now - older_than_s if older_than_s is not None else math.inf]
-    with immediate(conn):
+    with conn.transaction():
         # Both ends: an ended job's edges are settled, and a later job may reuse its id.
         conn.execute(f"DELETE FROM deps WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params)
         conn.execute(f"DELETE FROM deps WHERE depends_on IN (SELECT id FROM jobs WHERE {where})", params)
@@ -1307,30 +1936,22 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
 
 
 def count_by_state(conn):
-    """{state: count} for every state, zeros included: read from job_counts, not counted."""
+    """{state: count} for every state, zeros included."""
     counts = dict.fromkeys(STATES, 0)
-    for row in conn.execute("SELECT state, sum(n) AS n FROM job_counts GROUP BY state"):
-        counts[row["state"]] = row["n"]
+    for (_, state), n in conn.count_jobs().items():
+        counts[state] += n
     return counts
 
 
 def oldest_runnable_age_s(conn, now=None):
     """Seconds the longest-waiting due job has been runnable, or None."""
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     # One step into jobs_by_run_at for each value of is_due: the due jobs, and
     # those whose time came since the last claim promoted any.
-    oldest = [conn.execute(OLDEST_RUN_AT_SQL, {"is_due": is_due}).fetchone()[0] for is_due in (1, 0)]
+    oldest = [conn.execute(conn.OLDEST_RUN_AT_SQL, {"is_due": is_due}).fetchone()[0] for is_due in (1, 0)]
     oldest = [run_at for run_at in oldest if run_at is not None and run_at <= now]
     return round(now - min(oldest), 3) if oldest else None
 
-
-OLDEST_RUN_AT_SQL = """
-SELECT min(run_at)
-FROM jobs INDEXED BY jobs_by_run_at
-WHERE state IN ('pending', 'failed')
-  AND deps_left = 0
-  AND is_due = :is_due
-"""
 
 
 def list_jobs(conn, states=None, queue=None, limit=100):
@@ -1382,14 +2003,14 @@ HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 def register_process(conn, proc_id, kind, supervisor_id, queues, wake_addr=None, now=None):
     """Add this process to the registry that `worker list` and `worker stop` read."""
-    now = time.time() if now is None else now
-    with immediate(conn):
+    now = conn.now() if now is None else now
+    with conn.transaction():
         conn.execute("""
-            INSERT OR REPLACE INTO workers (id, kind, supervisor_id, host, pid, queues,
-                                            started_at, heartbeat_at, wake_addr)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """, (proc_id, kind, supervisor_id, HOST, os.getpid(), json.dumps(list(queues)),
-                  now, now, wake_addr))
+            INSERT INTO workers (id, kind, supervisor_id, host, pid, queues, started_at, heartbeat_at, wake_addr)
+            VALUES (:id, :kind, :supervisor_id, :host, :pid, :queues, :now, :now, :wake_addr)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, wake_addr = excluded.wake_addr
+            """, {"id": proc_id, "kind": kind, "supervisor_id": supervisor_id, "host": HOST, "pid": os.getpid(),
+                  "queues": json.dumps(list(queues)), "now": now, "wake_addr": wake_addr})
 
 
 def heartbeat(conn, proc_id, now=None):
@@ -1398,7 +2019,7 @@ def heartbeat(conn, proc_id, now=None):
     A row is pruned when its process missed beats for lease_timeout (paused,
     say); the caller then registers again, so a live process always comes back.
     """
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     if not conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, proc_id)).rowcount:
         return None
     return bool(conn.execute("SELECT stop_requested FROM workers WHERE id = ?", (proc_id,)).fetchone()[0])
@@ -1411,7 +2032,7 @@ def unregister_process(conn, proc_id):
 
 def forget_processes(conn, proc_ids):
     """Remove the registry rows of processes that are gone."""
-    with immediate(conn):
+    with conn.transaction():
         conn.executemany("DELETE FROM workers WHERE id = ?", [(proc_id,) for proc_id in proc_ids])
 
 
@@ -1428,7 +2049,7 @@ def live_processes(conn, now=None):
     Rows of processes that are gone are never shown as alive, and are deleted
     on the way when the database lets us at once: a reader never waits to tidy up.
     """
-    now = time.time() if now is None else now
+    now = conn.now() if now is None else now
     lease_s = load_config(conn)["lease_timeout"]
     rows = conn.execute("SELECT * FROM workers ORDER BY started_at, id").fetchall()
     dead = [row["id"] for row in rows if not is_alive(row, lease_s, now)]
@@ -1447,25 +2068,6 @@ def process_json(row, current_job):
         "started_at": iso(row["started_at"]), "heartbeat_at": iso(row["heartbeat_at"]),
         "current_job": current_job,
     }
-
-
-def wake_workers(conn):
-    """Nudge idle workers so a new job starts now, not at their next poll (Linux only).
-
-    Each worker listens on an abstract unix datagram socket; a lost or refused
-    nudge is harmless, since every worker still polls every poll_interval.
-    """
-    addresses = [r[0] for r in conn.execute("SELECT wake_addr FROM workers WHERE wake_addr IS NOT NULL")]
-    if not addresses:
-        return
-    import socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        for address in addresses:
-            try:
-                sock.sendto(b"!", "\0" + address)
-            except OSError:
-                pass  # gone, or its buffer is full: it is awake anyway
 
 
 # ---------------------------------------------------------------------------
@@ -1489,8 +2091,8 @@ class OutputTail:
             self.cut += excess
 
     def text(self):
-        """The kept bytes as text, bad UTF-8 replaced."""
-        return self.data.decode("utf-8", "replace")
+        """The kept bytes as text, bad UTF-8 and NUL bytes replaced (PostgreSQL text holds no NUL)."""
+        return self.data.decode("utf-8", "replace").replace("\0", "\ufffd")
 
 
 def signal_name(number):
@@ -1557,12 +2159,13 @@ class CommandRun:
             kill_group(self.proc.pid, signal.SIGTERM)
         self.kill_at = min(self.kill_at, time.monotonic() + grace_s)
 
-    def wait(self, tick_s, on_tick, wake_fds=()):
+    def wait(self, tick_s, on_tick, wake_sources=()):
         """Read output until the command exits; return its RunResult.
 
         on_tick() runs tick_s seconds after the start, then as often as its
-        return value (seconds) says, and at once when a wake fd is readable;
-        it may call stop(). The timeout stops the job the same way.
+        return value (seconds) says, and at once when one of wake_sources, a
+        list of (selectable, empty), is readable (empty(selectable) reads what
+        woke it); it may call stop(). The timeout stops the job the same way.
         If anything here raises, the job's process group is killed first: a
         job never outlives the worker's interest in it.
         """
@@ -1570,8 +2173,8 @@ class CommandRun:
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
         self.selector.register(self.proc.stdout_fd, selectors.EVENT_READ, self.stdout)
         self.selector.register(self.proc.stderr_fd, selectors.EVENT_READ, self.stderr)
-        for fd in wake_fds:
-            self.selector.register(fd, selectors.EVENT_READ, "wake")
+        for source, empty in wake_sources:
+            self.selector.register(source, selectors.EVENT_READ, empty)
         self.pidfd = open_pidfd(self.proc.pid)
         if self.pidfd is not None:  # readable when the process exits: no polling needed
             self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
@@ -1625,12 +2228,12 @@ class CommandRun:
         return max(wait_s, 0)
 
     def read_ready(self, events):
-        """Read every ready pipe; note an exit; run the tick now if a wake fd fired."""
+        """Read every ready pipe; note an exit; run the tick now if a wake source fired."""
         for key, _ in events:
             if key.data == "exit":
                 self.selector.unregister(key.fileobj)
-            elif key.data == "wake":
-                drain(key.fileobj)
+            elif callable(key.data):  # a wake source: empty it
+                key.data(key.fileobj)
                 self.next_tick = time.monotonic()
             elif not self.read_chunk(key):
                 self.selector.unregister(key.fileobj)
@@ -1841,18 +2444,6 @@ class Worker:
     def _on_abort(self, signum, frame):
         self.is_aborting = True
 
-    def open_wake_socket(self):
-        """Listen for enqueue nudges on an abstract unix socket (Linux); else None."""
-        import socket
-        if not sys.platform.startswith("linux"):
-            return None
-        address = f"queuectl/{self.worker_id}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind("\0" + address)
-        sock.setblocking(False)
-        self.wake_sock = sock
-        return address
-
     # -- the loop ----------------------------------------------------------
 
     def run(self):
@@ -1860,18 +2451,21 @@ class Worker:
         import selectors
         self.install_signals()
         mark_fds_cloexec()
-        self.wake_sock = None
         self.conn = connect(self.db_path, durable=False)
         self.patience_s = busy_timeout_s()
         self.config = load_config(self.conn)
-        self.wake_addr = self.open_wake_socket()
+        wake_source, self.wake_addr = self.conn.listen(self.worker_id)
         self.register()
+        # What wakes us, each with what empties it: enqueue nudges, signals.
+        self.wake_sources = [(self.signal_r, drain)]
+        if wake_source is not None:
+            self.wake_sources.append((wake_source, lambda source: self.conn.drain_wakeups()))
         self.idle = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
-        for source in filter(None, (self.wake_sock, self.signal_r)):
-            self.idle.register(source, selectors.EVENT_READ)
-        self.claim_query = claim_sql(self.queues)
+        for source, empty in self.wake_sources:
+            self.idle.register(source, selectors.EVENT_READ, empty)
+        self.claim_query = self.conn.claim_query(self.queues)
         # QUEUECTL_DB: so a job can call queuectl on this database itself.
-        self.base_env = {**os.environ, "QUEUECTL_DB": os.path.abspath(self.db_path)}
+        self.base_env = {**os.environ, "QUEUECTL_DB": db_for_children(self.db_path)}
         self.config_read_at = self.beat_at = time.monotonic()
         try:
             while not self.should_stop():
@@ -1885,8 +2479,8 @@ class Worker:
         finally:
             try:
                 self.db(unregister_process, self.worker_id)
-            except sqlite3.OperationalError as e:
-                if not is_busy(e):
+            except StorageError as e:
+                if not (is_busy(e) or e.kind == "lost"):
                     raise  # a stale row is pruned by the next reader
             self.conn.close()
         return 0
@@ -1896,10 +2490,10 @@ class Worker:
         try:
             self.keep_up()
             return self.db(claim, self.worker_id, self.claim_query, self.config["lease_timeout"])
-        except sqlite3.OperationalError as e:
-            if not is_busy(e):
+        except StorageError as e:
+            if not (is_busy(e) or e.kind == "lost"):
                 raise
-            log(f"{self.label} is waiting: {describe_db_error(e, self.db_path)}")
+            log(f"{self.label} is waiting: {e}")
             return None
 
     def register(self):
@@ -1924,7 +2518,7 @@ class Worker:
     def set_patience(self, seconds):
         """How long a database call may wait for a lock: short while a job runs (see watch)."""
         self.patience_s = seconds
-        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        self.conn.set_lock_wait(seconds)
 
     def should_stop(self):
         """Stop claiming when told to, or when the supervisor is gone (we were orphaned)."""
@@ -1948,7 +2542,7 @@ class Worker:
     def wait_idle(self):
         """Sleep up to poll_interval (and never past a heartbeat), or until an enqueue or a signal."""
         for key, _ in self.idle.select(self.tick_s()):
-            drain(key.fileobj)
+            key.data(key.fileobj)  # empty what woke us
 
     # -- one job -----------------------------------------------------------
 
@@ -1968,8 +2562,7 @@ class Worker:
             run.fence_at = self.fence_at(job["claimed_at"])
             self.set_patience(min(0.2, self.config["lease_timeout"] / 10))  # a tick never blocks past the fence
             try:
-                result = run.wait(self.tick_s(), lambda: self.watch(run),
-                                  [s for s in (self.wake_sock, self.signal_r) if s is not None])
+                result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources)
             finally:
                 self.set_patience(busy_timeout_s())
             self.job_pids[self.slot] = 0
@@ -2003,7 +2596,9 @@ class Worker:
             self.keep_up()
             is_ours = self.renew_or_check(run)
             is_canceled = not is_ours and self.db(job_state, self.job["id"]) == "canceled"
-        except sqlite3.OperationalError as e:
+        except StorageError as e:
+            if not (is_busy(e) or e.kind == "lost"):
+                raise
             # The lease still has time (run.fence_at kills the job before it
             # runs out); the next tick tries again.
             log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
@@ -2060,8 +2655,8 @@ def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot
     except Exception as e:  # one log line, never a traceback; the supervisor decides what next
         if os.environ.get("QUEUECTL_DEBUG") == "1":
             raise
-        if isinstance(e, sqlite3.Error):
-            log(f"{label} stopped: {describe_db_error(e, db_path)}")
+        if isinstance(e, StorageError):
+            log(f"{label} stopped: {e}")
         else:
             log(f"{label} crashed: {e!r}")
         # Replacing a worker of a corrupt database would only run jobs whose results cannot be kept.
@@ -2104,7 +2699,7 @@ class Supervisor:
         self.install_signals()
         self.register()
         scope = ", ".join(self.queues) or "all queues"
-        log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.db_path}")
+        log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.conn.path}")
         self.next_beat = 0.0
         try:
             while self.workers or not self.is_stopping:
@@ -2121,7 +2716,7 @@ class Supervisor:
             if self.conn is not None:  # None only if reopening it after a fork failed
                 try:
                     retry_busy(unregister_process, self.conn, self.supervisor_id)
-                except sqlite3.Error:
+                except StorageError:
                     pass  # a stale row is pruned by the next reader
                 self.conn.close()
         log(f"supervisor {os.getpid()} stopped")
@@ -2241,10 +2836,10 @@ class Supervisor:
         try:
             self.collect_exited()
             self.maintain()
-        except sqlite3.OperationalError as e:
-            if not is_busy(e):
+        except StorageError as e:
+            if not (is_busy(e) or e.kind == "lost"):
                 raise
-            log(f"supervisor: database busy ({e}); will try again")
+            log(f"supervisor: {e}; will try again")
 
     def maintain(self):
         """Each tick: act on signals and stop requests, beat, reap lost leases, end a burst."""
@@ -2273,10 +2868,8 @@ class Supervisor:
             self.abort(self.pending_signal)
 
     def queue_is_empty(self):
-        """Whether no job of our queues is pending, failed or processing (stops at the first)."""
-        queue_filter = f"AND queue IN ({', '.join('?' for _ in self.queues)})" if self.queues else ""
-        return self.conn.execute(QUEUE_HAS_WORK_SQL.format(queue_filter=queue_filter),
-                                 self.queues).fetchone() is None
+        """Whether no job of our queues is pending, failed or processing."""
+        return not self.conn.has_work(self.queues)
 
     def begin_stop(self, why):
         """Stop claiming: each worker finishes its job, records it and exits."""
@@ -2319,18 +2912,8 @@ class Supervisor:
         try:
             for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
                 retry_busy(return_job_uncounted, self.conn, job)
-        except sqlite3.Error as e:  # its lease expires instead
+        except StorageError as e:  # its lease expires instead
             log(f"could not return the job of a killed worker: {e}")
-
-
-QUEUE_HAS_WORK_SQL = """
-SELECT 1
-FROM job_counts
-WHERE state IN ('pending', 'failed', 'processing')
-  AND n > 0
-  {queue_filter}
-LIMIT 1
-"""
 
 JOBS_OF_WORKER_SQL = """
 SELECT seq, lease_token
@@ -2401,8 +2984,8 @@ def reap_if_possible(conn):
 
 def cmd_init(args):
     """Create the database if missing and say where it is."""
-    with closing(open_db(args)):
-        print(f"database {os.path.abspath(args.db_path)} is ready (schema {SCHEMA_VERSION})")
+    with closing(open_db(args)) as conn:
+        print(f"database {conn.location} is ready (schema {SCHEMA_VERSION})")
 
 
 def read_jobs_input(args):
@@ -2475,7 +3058,7 @@ def cmd_enqueue(args):
     specs = read_jobs_input(args)
     with closing(open_db(args)) as conn:
         config = load_config(conn)
-        now = time.time()
+        now = conn.now()
         rows, lines = [], {}
         for number, spec in specs:
             try:
@@ -2487,7 +3070,7 @@ def cmd_enqueue(args):
         ids = enqueue_rows(conn, rows, if_absent=args.if_absent,
                            lines=lines if specs and specs[0][0] is not None else None)
         if ids:
-            wake_workers(conn)
+            conn.wake_workers()
     if ids:
         sys.stdout.write("\n".join(ids) + "\n")
 
@@ -2504,7 +3087,8 @@ def cmd_worker_start(args):
                          "signals and process groups")
     with closing(open_db(args)):
         pass  # create and migrate once here, not in every worker at the same time
-    refuse_unsafe_db(args.db_path)
+    if not is_postgres_url(args.db_path):
+        refuse_unsafe_db(args.db_path)
     if args.detach:
         return detach(args)
     return Supervisor(args.db_path, args.count, args.queue or [], args.burst, args.start_method).run()
@@ -2524,7 +3108,7 @@ def refuse_unsafe_db(path):
 def detach(args):
     """Start the same supervisor in its own session, logging to <db>.log; print its pid."""
     import subprocess
-    log_path = args.db_path + ".log"
+    log_path = log_path_for(args.db_path)
     argv = [sys.executable, os.path.abspath(__file__), "--db", args.db_path, "worker", "start",
             "--count", str(args.count)]
     for queue in args.queue or []:
@@ -2565,7 +3149,7 @@ def cmd_worker_stop(args):
         if not supervisors:
             print("no supervisor is running")
             return 0
-        with immediate(conn):
+        with conn.transaction():
             conn.executemany("UPDATE workers SET stop_requested = 1 WHERE id = ?",
                              [(p["id"],) for p in supervisors])
         for p in supervisors:
@@ -2678,7 +3262,7 @@ def cmd_cancel(args):
     with closing(open_db(args)) as conn:
         jobs = cancel_jobs(conn, args.ids)
         if any(job["state"] == "processing" for job in jobs):
-            wake_workers(conn)  # its worker notices at once instead of at the next tick
+            conn.wake_workers()  # its worker notices at once instead of at the next tick
     for job in jobs:
         note = " (its process group is being stopped)" if job["state"] == "processing" else ""
         print(f"canceled {job['id']}{note}")
@@ -2694,7 +3278,7 @@ def retry_and_report(args, ids, states=RETRYABLE_STATES):
     with closing(open_db(args)) as conn:
         retried = retry_jobs(conn, ids, states)
         if retried:
-            wake_workers(conn)
+            conn.wake_workers()
     for job_id in retried:
         print(f"retried {job_id}")
     if ids is None:
@@ -3221,9 +3805,9 @@ def completion_rate(db, after_seq, jobs):
 def enqueue_like_the_cli(db, command):
     """Enqueue one job the way `enqueue -c` does, in this process; the time its commit returned."""
     with closing(connect(db)) as conn:
-        enqueue_rows(conn, [job_row({"command": command}, load_config(conn), time.time())])
+        enqueue_rows(conn, [job_row({"command": command}, load_config(conn), conn.now())])
         committed = time.time()
-        wake_workers(conn)
+        conn.wake_workers()
     return committed
 
 
@@ -3294,7 +3878,7 @@ def fill_finished_jobs(db, count):
     """
     past = time.time() - 86400
     with closing(connect(db)) as conn:
-        with immediate(conn):
+        with conn.transaction():
             conn.execute("""
                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
                 INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env,
@@ -3307,7 +3891,7 @@ def fill_finished_jobs(db, count):
                        :past + i * 0.01 + 0.002
                 FROM n
                 """, {"count": count, "past": past})
-            add_to_counts(conn, {("default", "completed"): count})
+            conn.add_to_counts({("default", "completed"): count})
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
@@ -3412,23 +3996,18 @@ def build_parser():
 def main(argv=None):
     """Run one command and return its exit code. Only here are errors printed."""
     parser = build_parser()
-    db_path = None
     for stream in (sys.stdout, sys.stderr):  # a job's text never fails to print in a narrow locale
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
         args = parser.parse_args(argv)
-        db_path = args.db_path = resolve_db_path(args.db)
+        args.db_path = resolve_db_path(args.db)
         busy_timeout_s()  # a bad $QUEUECTL_BUSY_TIMEOUT is refused before anything starts
         code = args.func(args) or 0
         sys.stdout.flush()  # here, so a reader that left (| head) is handled below
         return code
     except QueueError as e:
         return fail(str(e), e.exit_code)
-    except sqlite3.Error as e:
-        if os.environ.get("QUEUECTL_DEBUG") == "1":
-            raise
-        return fail(describe_db_error(e, db_path), 1)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # reader left: no noise at exit
         return 1

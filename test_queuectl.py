@@ -242,11 +242,11 @@ def test_claim_query_uses_the_ready_index_with_and_without_queues(db):
     conn = queuectl.connect(db)
     try:
         for queues in ([], ["a", "b"]):
-            sql, params = queuectl.claim_sql(queues)
+            sql, params = conn.claim_query(queues)
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
             assert "USING INDEX jobs_ready" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queuectl.PROMOTE_DUE_SQL, {"now": 0}))
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + conn.PROMOTE_DUE_SQL, {"now": 0}))
         assert plan == "SEARCH jobs USING INDEX jobs_by_run_at (is_due=? AND run_at<?)", plan
     finally:
         conn.close()
@@ -270,7 +270,7 @@ def test_claim_takes_highest_priority_then_oldest_and_skips_jobs_not_yet_due(db)
     enqueue("-c", "true", "--id", "mid-2", "--priority", "5")
     conn = queuectl.connect(db)
     try:
-        query = queuectl.claim_sql([])
+        query = conn.claim_query([])
         order = [queuectl.claim(conn, "w", query, 30)["id"] for _ in range(3)]
         assert order == ["mid-1", "mid-2", "old-low"]
         assert queuectl.claim(conn, "w", query, 30) is None
@@ -2493,7 +2493,7 @@ def test_purge_forgets_edges_so_a_reused_id_cannot_release_old_dependents(fast):
     enqueue(json.dumps({"id": "c", "command": "true", "depends_on": ["a", "d"]}))
     conn = queuectl.connect(os.environ["QUEUECTL_DB"])
     try:
-        job = queuectl.claim(conn, "w", queuectl.claim_sql([]), 30)
+        job = queuectl.claim(conn, "w", conn.claim_query([]), 30)
         assert job["id"] == "a"
         assert queuectl.record_run(conn, job, queuectl.RunResult(exit_code=0), queuectl.load_config(conn))
     finally:
@@ -2548,11 +2548,11 @@ def vm_steps(conn, operation):
         steps[0] += 1
         return 0
 
-    conn.set_progress_handler(count, 1)
+    conn.conn.set_progress_handler(count, 1)
     try:
         operation()
     finally:
-        conn.set_progress_handler(None, 1)
+        conn.conn.set_progress_handler(None, 1)
     return steps[0]
 
 
@@ -2571,7 +2571,7 @@ def costs_of_claim_and_reads(conn):
         "status": vm_steps(conn, lambda: (queuectl.count_by_state(conn), queuectl.oldest_runnable_age_s(conn))),
         "list --queue": vm_steps(conn, lambda: queuectl.list_jobs(conn, None, "rare", 100)),
         "burst check": vm_steps(conn, supervisor.queue_is_empty),
-        "claim": vm_steps(conn, lambda: queuectl.claim(conn, "w", queuectl.claim_sql([]), 30)),
+        "claim": vm_steps(conn, lambda: queuectl.claim(conn, "w", conn.claim_query([]), 30)),
     }
     conn.execute("DELETE FROM jobs WHERE queue = 'rare'")
     return costs
@@ -2604,7 +2604,7 @@ def test_jobs_whose_time_came_are_claimed_by_priority_then_age(db):
                         {"command": "true", "id": "due-later-high", "run_at": now + 0.3, "priority": 5},
                         {"command": "true", "id": "due-now"},
                         {"command": "true", "id": "far-off-high", "delay": 3600, "priority": 9}])
-        query = queuectl.claim_sql([])
+        query = conn.claim_query([])
         assert queuectl.claim(conn, "w", query, 30, now=now)["id"] == "due-now"
         assert queuectl.claim(conn, "w", query, 30, now=now + 0.1) is None
         order = [queuectl.claim(conn, "w", query, 30, now=now + 1)["id"] for _ in range(2)]
@@ -2634,7 +2634,7 @@ def test_a_version_2_database_is_upgraded_with_counts_per_queue_and_its_due_jobs
     assert code == 0 and sorted(job["id"] for job in json.loads(out)) == ["j2", "j4"]
     conn = queuectl.connect(db)
     try:
-        query = queuectl.claim_sql([])
+        query = conn.claim_query([])
         claimed = [queuectl.claim(conn, "w", query, 30)["id"] for _ in range(2)]
         assert (claimed, queuectl.claim(conn, "w", query, 30)) == (["j1", "j4"], None)
     finally:
@@ -2649,7 +2649,7 @@ def test_a_retried_job_waits_until_its_canceled_run_is_gone(db):
     enqueue("-c", "true", "--id", "j")
     conn = queuectl.connect(db)
     try:
-        query = queuectl.claim_sql([])
+        query = conn.claim_query([])
         job = queuectl.claim(conn, "w", query, 30)
         assert cli("cancel", "j")[0] == 0
         assert cli("retry", "j")[0] == 0
@@ -2666,7 +2666,7 @@ def test_a_retried_job_whose_canceled_run_lost_its_worker_runs_once_the_lease_is
     enqueue("-c", "true", "--id", "j")
     conn = queuectl.connect(db)
     try:
-        query = queuectl.claim_sql([])
+        query = conn.claim_query([])
         queuectl.claim(conn, "w", query, 30)
         assert cli("cancel", "j")[0] == 0 and cli("retry", "j")[0] == 0
         assert queuectl.claim(conn, "w", query, 30, now=time.time() + 10) is None
@@ -2745,7 +2745,7 @@ def test_an_enqueue_that_fails_while_counting_leaves_neither_job_nor_count(db, m
 
     def fail_to_count(conn, rows):
         conn.execute("UPDATE job_counts SET n = n + 1 WHERE state = 'pending'")  # half done...
-        raise sqlite3.OperationalError("disk I/O error")  # ...then the disk fails
+        raise queuectl.StorageError("database 'q.db': disk I/O error")  # ...then the disk fails
 
     monkeypatch.setattr(queuectl, "count_new_jobs", fail_to_count)
     code, out, err = cli("enqueue", "-c", "true", "--id", "x")
@@ -2782,7 +2782,7 @@ def test_a_claim_given_back_leaves_the_job_exactly_as_it_was(fast):
     enqueue("-c", "exit 3", "--id", "f", "--max-retries", "5")
     conn = queuectl.connect(os.environ["QUEUECTL_DB"])
     try:
-        query, config = queuectl.claim_sql([]), queuectl.load_config(conn)
+        query, config = conn.claim_query([]), queuectl.load_config(conn)
         queuectl.record_run(conn, queuectl.claim(conn, "w", query, 30),
                             queuectl.RunResult(exit_code=3, error="exit status 3"), config)
         before = show("f")
