@@ -230,14 +230,14 @@ def check_time(field, epoch_s):
 
 # The ISO-8601 forms run_at takes, read the same on every Python (3.10's
 # fromisoformat() refuses 'Z', one-digit fractions and more): a date, or a date
-# and time (T or space) to the minute, second or fraction, then Z, +HH:MM,
-# +HHMM, +HH or nothing (local time).
+# and time (T, t or space) to the hour, minute, second or fraction, then Z,
+# +HH:MM, +HHMM, +HH or nothing (local time). ASCII digits only.
 ISO_TIME_RE = re.compile(r"""
     (\d{4})-(\d{2})-(\d{2})
-    (?: [T ] (\d{2}):(\d{2}) (?: :(\d{2}) (?: [.,](\d{1,9}) )? )?
+    (?: [Tt ] (\d{2}) (?: :(\d{2}) (?: :(\d{2}) (?: [.,](\d{1,9}) )? )? )?
         ( [Zz] | [+-]\d{2}(?: :?\d{2} )? )?
     )?
-    """, re.VERBOSE)
+    """, re.VERBOSE | re.ASCII)
 
 
 def parse_iso_time(text):
@@ -499,7 +499,8 @@ OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts"}
 #   transaction()        one change, all or nothing
 #   now()                the clock every lease and schedule is measured on
 #   waiting_at_most(s)   how long a statement may wait for another's lock
-#   claim_query(queues), PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL: the claim's SQL
+#   claim_query(queues), BECOME_DUE_SQL, PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL:
+#       the claim's SQL
 #   count_jobs(), add_to_counts(counts), has_work(queues): the job counts
 #   listen(worker_id), drain_wakeups(), wake_workers(): waking idle workers
 #   schema_version(), set_schema_version(v), foreign_tables(), MIGRATIONS
@@ -583,10 +584,24 @@ def migrate(engine):
     with engine.transaction():
         engine.lock_schema()
         version = check_schema(engine)  # again under the lock: another process may have migrated
+        refuse_while_older_workers_run(engine, version)
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in engine.MIGRATIONS.get(step, ()):
                 engine.execute(statement)
         engine.set_schema_version(SCHEMA_VERSION)
+
+
+def refuse_while_older_workers_run(engine, version):
+    """Refuse to upgrade under live workers of an older queuectl: the new schema would break them."""
+    if version == 0:
+        return
+    lease_s = load_config(engine)["lease_timeout"]
+    alive = engine.execute("SELECT count(*) FROM workers WHERE heartbeat_at >= :since",
+                           {"since": engine.now() - lease_s}).fetchone()[0]
+    if alive:
+        raise QueueError(f"the database is at schema version {version} and {alive} process(es) of that older "
+                         "queuectl are running on it; stop them first (SIGTERM, or `worker stop` with the "
+                         "queuectl that started them), then use this one")
 
 
 def is_busy(error):
@@ -749,20 +764,23 @@ class SqliteEngine(Engine):
 
     MIGRATIONS = SQLITE_MIGRATIONS
 
-    # The claim's first step: jobs whose run_at has come become due. Through
-    # jobs_by_run_at it reads only those, oldest first, never the jobs still
+    # Before a claim, jobs whose run_at has come become due. Through
+    # jobs_by_run_at this reads only those, oldest first, never the jobs still
     # scheduled for later. A job whose canceled run is still being stopped (its
     # lease token kept by cancel_jobs) waits until that run is gone or its lease
     # has run out: a job never runs twice at once, not even after cancel + retry.
-    PROMOTE_DUE_SQL = """
-    UPDATE jobs INDEXED BY jobs_by_run_at
-    SET is_due = 1
+    BECOME_DUE_SQL = """
+    SELECT seq
+    FROM jobs INDEXED BY jobs_by_run_at
     WHERE state IN ('pending', 'failed')
       AND deps_left = 0
       AND is_due = 0
       AND run_at <= :now
       AND (lease_token IS NULL OR lease_until < :now)
+    ORDER BY run_at
+    LIMIT :batch
     """
+    PROMOTE_DUE_SQL = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({BECOME_DUE_SQL})"
 
     CLAIM_SELECT_SQL = """
     SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
@@ -1121,20 +1139,18 @@ class PostgresEngine(Engine):
     LOCK_FOR_UPDATE = "FOR UPDATE"
     LOCK_FOR_SHARE = "FOR SHARE"
 
-    PROMOTE_DUE_SQL = """
-    UPDATE jobs
-    SET is_due = 1
-    WHERE seq IN (
-        SELECT seq
-        FROM jobs
-        WHERE state IN ('pending', 'failed')
-          AND deps_left = 0
-          AND is_due = 0
-          AND run_at <= :now
-          AND (lease_token IS NULL OR lease_until < :now)
-        FOR UPDATE SKIP LOCKED
-    )
+    BECOME_DUE_SQL = """
+    SELECT seq
+    FROM jobs
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 0
+      AND run_at <= :now
+      AND (lease_token IS NULL OR lease_until < :now)
+    ORDER BY run_at
+    LIMIT :batch
     """
+    PROMOTE_DUE_SQL = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({BECOME_DUE_SQL} FOR UPDATE SKIP LOCKED)"
 
     CLAIM_SELECT_SQL = """
     SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
@@ -1610,7 +1626,7 @@ WHERE seq = :seq
 """
 
 # A canceled job keeps its run's lease token until the run is over (see
-# PROMOTE_DUE_SQL); its worker clears it here once the process group is gone.
+# BECOME_DUE_SQL); its worker clears it here once the process group is gone.
 RELEASE_STOPPED_RUN_SQL = """
 UPDATE jobs
 SET worker_id = NULL,
@@ -1648,16 +1664,16 @@ WHERE id IN (SELECT id FROM doomed)
 def claim(conn, worker_id, claim_query, lease_s, now=None):
     """Take the best due job: highest priority, then oldest. Return it, or None.
 
-    One BEGIN IMMEDIATE transaction: promote the jobs that became due, select
-    the best one through the jobs_ready index, then mark it processing,
-    guarded by its state. The job gets a new lease token; only that token can
-    record its result.
+    First the jobs that became due are marked so (promote_due_jobs). Then one
+    transaction selects the best due job through the jobs_ready index and
+    marks it processing, guarded by its state. The job gets a new lease token;
+    only that token can record its result.
     """
     sql, params = claim_query
     claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
     now = conn.now() if now is None else now
+    promote_due_jobs(conn, now)
     with conn.transaction():
-        conn.execute(conn.PROMOTE_DUE_SQL, {"now": now})
         job = conn.execute(sql, params).fetchone()
         if job is None:
             return None
@@ -1665,6 +1681,24 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
         conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
                                         "lease_until": now + lease_s, "now": now})
     return dict(job, attempts=job["attempts"] + 1, lease_token=token, claimed_at=claimed_at)
+
+
+PROMOTE_BATCH = 1000  # jobs marked due per transaction: many due at once never hold the lock long
+
+
+def promote_due_jobs(conn, now):
+    """Mark due the jobs whose run_at has come, PROMOTE_BATCH to a short transaction.
+
+    Nothing to do costs one read that takes no lock. All of them are marked
+    before the claim selects, so the highest priority among due jobs wins.
+    """
+    if conn.execute(conn.BECOME_DUE_SQL, {"now": now, "batch": 1}).fetchone() is None:
+        return
+    while True:
+        with conn.transaction():
+            promoted = conn.execute(conn.PROMOTE_DUE_SQL, {"now": now, "batch": PROMOTE_BATCH}).rowcount
+        if promoted < PROMOTE_BATCH:
+            return
 
 
 def backoff_s(attempts, config):
@@ -1778,7 +1812,7 @@ def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not
     """Put an interrupted job back to pending without counting the run (forced shutdown)."""
     now = conn.now() if now is None else now
     with conn.transaction():
-        return conn.execute("""
+        returned = conn.execute("""
             UPDATE jobs
             SET state = 'pending', attempts = attempts - 1, last_error = :reason,
                 worker_id = NULL, lease_token = NULL, lease_until = NULL, updated_at = :now
@@ -1787,6 +1821,9 @@ def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not
               AND lease_token = :lease_token
             """, {"seq": job["seq"], "lease_token": job["lease_token"], "reason": reason,
                   "now": now}).rowcount == 1
+        if not returned:  # canceled meanwhile: its run is over now
+            conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
+        return returned
 
 
 GIVE_BACK_SQL = """
@@ -1808,28 +1845,40 @@ WHERE seq = :seq
 def give_back(conn, job):
     """Undo a claim whose job never started: the job is exactly as it was before."""
     with conn.transaction():
-        conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
-            "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
-            "updated_at_before")})
+        if not conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
+                "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
+                "updated_at_before")}).rowcount:  # canceled meanwhile: it never ran
+            conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
 
 
 def renew_lease(conn, job, lease_s, now=None):
-    """Extend a running job's lease; False if it is no longer ours (canceled or reclaimed)."""
+    """Extend our run's lease; False once another run holds the job (or it is gone).
+
+    Fenced by the lease token alone: a job canceled (and maybe retried) while
+    our run is being stopped keeps our token, and so its lease, until the run
+    is gone (RELEASE_STOPPED_RUN_SQL): no other run can start before that.
+    """
     now = conn.now() if now is None else now
     return conn.execute("""
         UPDATE jobs
         SET lease_until = :lease_until
         WHERE seq = :seq
-          AND state = 'processing'
           AND lease_token = :lease_token
         """, {"seq": job["seq"], "lease_token": job["lease_token"],
               "lease_until": now + lease_s}).rowcount == 1
 
 
-def still_ours(conn, job):
-    """Whether the claimed job is still processing under our lease token."""
+def run_standing(conn, job):
+    """Where our run of a claimed job stands.
+
+    'ours': the job is processing under our lease token. 'stopping': it was
+    canceled meanwhile (the token is still ours). 'lost': another run holds
+    the job, or it was purged.
+    """
     row = conn.execute("SELECT state, lease_token FROM jobs WHERE seq = ?", (job["seq"],)).fetchone()
-    return row is not None and row["state"] == "processing" and row["lease_token"] == job["lease_token"]
+    if row is None or row["lease_token"] != job["lease_token"]:
+        return "lost"
+    return "ours" if row["state"] == "processing" else "stopping"
 
 
 # ---------------------------------------------------------------------------
@@ -1961,7 +2010,9 @@ def list_jobs(conn, states=None, queue=None, limit=100):
         where.append(f"state IN ({', '.join('?' for _ in states)})")
         params.extend(states)
     if queue:
-        where.append("queue = ?")
+        # With states too, read them through jobs_by_state: "|| ''" keeps the
+        # planner off jobs_by_queue, which would filter a whole queue by state.
+        where.append("queue || '' = ?" if states else "queue = ?")
         params.append(queue)
     sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY seq DESC" + (" LIMIT ?" if limit else "")
@@ -2455,7 +2506,8 @@ class Worker:
         self.patience_s = busy_timeout_s()
         self.config = load_config(self.conn)
         wake_source, self.wake_addr = self.conn.listen(self.worker_id)
-        self.register()
+        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id, self.queues,
+                   self.wake_addr, give_up_s=math.inf, is_wanted=lambda: not self.should_stop())
         # What wakes us, each with what empties it: enqueue nudges, signals.
         self.wake_sources = [(self.signal_r, drain)]
         if wake_source is not None:
@@ -2513,7 +2565,15 @@ class Worker:
         result and run the job again. A write that comes after the lease ran
         out is safe: the lease token fences it.
         """
-        return retry_busy(operation, self.conn, *args, give_up_s=math.inf)
+        try:
+            return self.db(operation, *args)
+        except StorageError as e:
+            if not (is_busy(e) or e.kind == "lost"):
+                raise
+            log(f"{self.label} is waiting to write job {self.job['id'] if self.job else '?'}: {e}")
+        result = retry_busy(operation, self.conn, *args, give_up_s=math.inf)
+        log(f"{self.label} could write again")
+        return result
 
     def set_patience(self, seconds):
         """How long a database call may wait for a lock: short while a job runs (see watch)."""
@@ -2591,11 +2651,11 @@ class Worker:
         return self.tick_s()
 
     def look_after(self, run):
-        """Renew the lease (or check it is still ours); stop the run if it is not."""
+        """Renew the lease when it is due, see where the run stands, and stop it if it must end."""
         try:
             self.keep_up()
-            is_ours = self.renew_or_check(run)
-            is_canceled = not is_ours and self.db(job_state, self.job["id"]) == "canceled"
+            self.renew_when_due(run)
+            standing = self.db(run_standing, self.job)
         except StorageError as e:
             if not (is_busy(e) or e.kind == "lost"):
                 raise
@@ -2603,22 +2663,20 @@ class Worker:
             # runs out); the next tick tries again.
             log(f"{self.label} could not reach the database for job {self.job['id']}: {e}; will try again")
             return
-        if not is_ours:
-            # Canceled: SIGTERM, SIGKILL 5 s later. Taken over: another run may have
-            # started, so this one ends now.
-            run.stop("canceled" if is_canceled else "its lease was taken over",
-                     KILL_GRACE_S if is_canceled else 0)
+        if standing == "stopping":  # canceled: SIGTERM, SIGKILL 5 s later
+            run.stop("canceled", KILL_GRACE_S)
+        elif standing == "lost":  # another run may have started: this one ends now
+            run.stop("its lease was taken over", 0)
 
-    def renew_or_check(self, run):
-        """Renew the lease every lease_timeout / 3, else just read; whether the job is still ours."""
+    def renew_when_due(self, run):
+        """Renew the lease every lease_timeout / 3; the fence moves only with a lease granted."""
         lease_s = self.config["lease_timeout"]
         if time.monotonic() - self.lease_renewed_at < lease_s / 3:
-            return self.db(still_ours, self.job)
+            return
         asked_at = time.monotonic()  # the new lease counts from the asking, not the answer
-        is_ours = self.db(renew_lease, self.job, lease_s)
-        self.lease_renewed_at = asked_at
-        run.fence_at = self.fence_at(asked_at)
-        return is_ours
+        if self.db(renew_lease, self.job, lease_s):
+            self.lease_renewed_at = asked_at
+            run.fence_at = self.fence_at(asked_at)
 
     def fence_at(self, leased_at):
         """When to kill our job: before a lease taken at leased_at (monotonic) can pass to another worker."""
@@ -2713,7 +2771,7 @@ class Supervisor:
             self.stop_workers_now()  # never leave workers behind us
             raise
         finally:
-            if self.conn is not None:  # None only if reopening it after a fork failed
+            if self.conn is not None:  # None only while reopening it after a fork fails
                 try:
                     retry_busy(unregister_process, self.conn, self.supervisor_id)
                 except StorageError:
@@ -2765,14 +2823,22 @@ class Supervisor:
         empty = [slot for slot in range(self.count) if slot not in self.workers and now >= self.restart_at[slot]]
         if not empty:
             return
-        self.conn.close()
-        self.conn = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
         try:
             for slot in empty:
                 self.start_worker(slot)
                 self.restart_at[slot] = now + 1.0  # a worker that dies at once is not restarted in a loop
         finally:
+            self.reopen()
+
+    def reopen(self):
+        """Open our connection again; if that fails (EMFILE, say), log it: upkeep tries again."""
+        try:
             self.conn = connect(self.db_path, durable=False)
+        except QueueError as e:
+            log(f"supervisor could not reopen the database: {e}; will try again")
 
     def start_worker(self, slot):
         """Start the worker process of one slot; one that cannot start (EAGAIN) is tried again later."""
@@ -2833,6 +2899,10 @@ class Supervisor:
         a lock: a dead worker's job it could not return yet is reaped when its
         lease runs out.
         """
+        if self.conn is None:
+            self.reopen()
+            if self.conn is None:
+                return
         try:
             self.collect_exited()
             self.maintain()
