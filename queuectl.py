@@ -502,7 +502,8 @@ OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts"}
 #   claim_query(queues), BECOME_DUE_SQL, PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL:
 #       the claim's SQL
 #   count_jobs(), add_to_counts(counts), has_work(queues): the job counts
-#   listen(worker_id), drain_wakeups(), wake_workers(): waking idle workers
+#   listen(worker_id), wake_source(), drain_wakeups(source), wake_workers():
+#       waking idle workers
 #   schema_version(), set_schema_version(v), foreign_tables(), MIGRATIONS
 #   reconnect(), close()
 #
@@ -923,19 +924,23 @@ class SqliteEngine(Engine):
     # -- waking idle workers: an abstract unix datagram socket each (Linux) ------
 
     def listen(self, worker_id):
-        """Listen for nudges; (a selectable, the address for the registry), or (None, None) off Linux."""
+        """Listen for nudges; the address for the registry, or None off Linux."""
         import socket
         if not sys.platform.startswith("linux"):
-            return None, None
+            return None
         address = f"queuectl/{worker_id}"
         self.wake_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wake_sock.bind("\0" + address)
         self.wake_sock.setblocking(False)
-        return self.wake_sock, address
+        return address
 
-    def drain_wakeups(self):
+    def wake_source(self):
+        """What to select on for nudges (None: poll only)."""
+        return self.wake_sock
+
+    def drain_wakeups(self, source):
         """Forget the nudges that arrived."""
-        drain(self.wake_sock)
+        drain(source)
 
     def wake_workers(self):
         """Nudge idle workers so a new job starts now, not at their next poll.
@@ -1198,7 +1203,7 @@ class PostgresEngine(Engine):
         """Connect, put our schema first on the search path, and learn the server's clock."""
         try:
             self.conn = self.psycopg.connect(self.url, autocommit=True, row_factory=pg_row_factory,
-                                             connect_timeout=10)
+                                             connect_timeout=10, application_name=f"queuectl {self.schema}")
         except self.psycopg.Error as e:
             raise StorageError(f"cannot connect to {self.path}: {self.one_line(e)}", "lost") from e
         self.execute(f'SET search_path TO "{self.schema}"')
@@ -1314,13 +1319,18 @@ class PostgresEngine(Engine):
     listening = False
 
     def listen(self, worker_id):
-        """LISTEN for nudges on this connection; (its fd, no registry address)."""
+        """LISTEN for nudges on this connection (no registry address: NOTIFY reaches every host)."""
         self.execute(f'LISTEN "{self.wake_channel}"')
         self.listening = True
-        return self.conn.fileno(), None
 
-    def drain_wakeups(self):
-        """Read and forget the notifications that arrived (never read the socket ourselves)."""
+    def wake_source(self):
+        """The connection's socket, readable when a notification arrives (it changes on reconnect)."""
+        return self.conn.fileno() if self.listening and self.conn is not None and not self.conn.closed else None
+
+    def drain_wakeups(self, source):
+        """Read and forget the notifications that arrived; False if source is a lost connection's."""
+        if source != self.wake_source():
+            return False
         try:
             self.conn.pgconn.consume_input()
             while self.conn.pgconn.notifies() is not None:
@@ -2283,8 +2293,9 @@ class CommandRun:
         for key, _ in events:
             if key.data == "exit":
                 self.selector.unregister(key.fileobj)
-            elif callable(key.data):  # a wake source: empty it
-                key.data(key.fileobj)
+            elif callable(key.data):  # a wake source: empty it (False: it is gone, forget it)
+                if key.data(key.fileobj) is False:
+                    self.selector.unregister(key.fileobj)
                 self.next_tick = time.monotonic()
             elif not self.read_chunk(key):
                 self.selector.unregister(key.fileobj)
@@ -2505,16 +2516,14 @@ class Worker:
         self.conn = connect(self.db_path, durable=False)
         self.patience_s = busy_timeout_s()
         self.config = load_config(self.conn)
-        wake_source, self.wake_addr = self.conn.listen(self.worker_id)
+        self.wake_addr = self.conn.listen(self.worker_id)
         retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id, self.queues,
                    self.wake_addr, give_up_s=math.inf, is_wanted=lambda: not self.should_stop())
-        # What wakes us, each with what empties it: enqueue nudges, signals.
-        self.wake_sources = [(self.signal_r, drain)]
-        if wake_source is not None:
-            self.wake_sources.append((wake_source, lambda source: self.conn.drain_wakeups()))
+        # What wakes us, each with what empties it: signals, and enqueue nudges.
         self.idle = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
-        for source, empty in self.wake_sources:
-            self.idle.register(source, selectors.EVENT_READ, empty)
+        self.idle.register(self.signal_r, selectors.EVENT_READ, drain)
+        self.watched_wake = None
+        self.watch_wake_source()
         self.claim_query = self.conn.claim_query(self.queues)
         # QUEUECTL_DB: so a job can call queuectl on this database itself.
         self.base_env = {**os.environ, "QUEUECTL_DB": db_for_children(self.db_path)}
@@ -2601,8 +2610,30 @@ class Worker:
 
     def wait_idle(self):
         """Sleep up to poll_interval (and never past a heartbeat), or until an enqueue or a signal."""
+        self.watch_wake_source()
         for key, _ in self.idle.select(self.tick_s()):
-            key.data(key.fileobj)  # empty what woke us
+            if key.data(key.fileobj) is False:  # empty what woke us; False: a lost connection's
+                self.idle.unregister(key.fileobj)
+                self.watched_wake = None
+
+    def watch_wake_source(self):
+        """Select on the engine's current wake source (a PostgreSQL reconnect brings a new one)."""
+        import selectors
+        current = self.conn.wake_source()
+        if current == self.watched_wake:
+            return
+        if self.watched_wake is not None:
+            self.idle.unregister(self.watched_wake)
+        if current is not None:
+            self.idle.register(current, selectors.EVENT_READ, self.conn.drain_wakeups)
+        self.watched_wake = current
+
+    def wake_sources(self):
+        """(selectable, empty) pairs that wake a running job's loop: signals, enqueue nudges."""
+        sources = [(self.signal_r, drain)]
+        if self.watched_wake is not None:
+            sources.append((self.watched_wake, self.conn.drain_wakeups))
+        return sources
 
     # -- one job -----------------------------------------------------------
 
@@ -2622,7 +2653,7 @@ class Worker:
             run.fence_at = self.fence_at(job["claimed_at"])
             self.set_patience(min(0.2, self.config["lease_timeout"] / 10))  # a tick never blocks past the fence
             try:
-                result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources)
+                result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources())
             finally:
                 self.set_patience(busy_timeout_s())
             self.job_pids[self.slot] = 0
