@@ -6,7 +6,9 @@
     python3 queuectl.py status
 
 Jobs are shell commands kept in one SQLite file (WAL mode), so nothing is lost
-when any process or the machine crashes.
+when any process or the machine crashes; or, for workers on many hosts, in a
+PostgreSQL database (--db postgresql://..., needs psycopg). One storage seam
+(SqliteEngine, PostgresEngine) holds all that differs between the two.
 
 States
     pending -> processing -> completed
@@ -16,10 +18,13 @@ States
     End states: completed, dead, canceled.
 
 The claim
-    BEGIN IMMEDIATE; select the best due job through the jobs_due index
-    (priority desc, then creation order); mark it processing with attempts + 1,
-    a fresh lease token and lease_until = now + lease_timeout; COMMIT. No lock
-    is held while the command runs.
+    Jobs whose run_at has come are marked due (is_due = 1, found through the
+    jobs_by_run_at index, a thousand to a short transaction). Then, in one
+    transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE SKIP LOCKED),
+    select the best due job through the jobs_ready index (priority desc, then
+    creation order) and mark it processing with attempts + 1, a fresh lease
+    token and lease_until = now + lease_timeout. No lock is held while the
+    command runs, and jobs that are finished or not yet due are never walked.
 
 Invariants
     * Every state change is one transaction: after a crash each job is where
@@ -3210,8 +3215,10 @@ def detach(args):
     """Start the same supervisor in its own session, logging to <db>.log; print its pid."""
     import subprocess
     log_path = log_path_for(args.db_path)
-    argv = [sys.executable, os.path.abspath(__file__), "--db", args.db_path, "worker", "start",
-            "--count", str(args.count)]
+    # The database goes in the environment, not argv: a PostgreSQL URL's password
+    # would show in every user's `ps`.
+    env = {**os.environ, "QUEUECTL_DB": args.db_path}
+    argv = [sys.executable, os.path.abspath(__file__), "worker", "start", "--count", str(args.count)]
     for queue in args.queue or []:
         argv += ["--queue", queue]
     argv += ["--burst"] if args.burst else []
@@ -3219,7 +3226,7 @@ def detach(args):
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     finally:
         os.close(log_fd)
     with closing(open_db(args)) as conn:
@@ -3587,14 +3594,18 @@ def cmd_bench(args):
         bench = Bench(tmp)
         measures = [("a", bench.throughput), ("b", bench.bulk_enqueue), ("c", bench.startup),
                     ("d, e", bench.pickup_and_idle), ("h", bench.future_backlog)]
+        if args.pg:
+            measures += [("i, j", lambda: bench.postgresql(args.pg))]
         if args.large:
             measures += [("f", bench.large_database), ("g", bench.large_output)]
         for keys, measure in measures:
             print(f"bench: measuring ({keys})", file=sys.stderr, flush=True)
             rows += measure()
     print_table(("", "MEASURE", "RESULT", "TARGET", "MET?"), rows)
+    if not args.pg:
+        print("\n(i) and (j) need --pg postgresql://... (a database whose role may create schemas)")
     if not args.large:
-        print("\n(f) and (g) need --large (a few minutes)")
+        print("(f) and (g) need --large (a few minutes)")
 
 
 def machine_description():
@@ -3783,8 +3794,10 @@ class Bench:
         if not clock_command_works():
             return None
         latencies = []
+        stamps = os.path.join(self.tmp, f"pickup-{len(os.listdir(self.tmp))}")
+        os.mkdir(stamps)  # a directory of its own for each measure: no stamp is read twice
         for i in range(BENCH_PICKUPS):
-            stamp = os.path.join(self.tmp, f"pickup-{i}")
+            stamp = os.path.join(stamps, str(i))
             committed = enqueue_like_the_cli(db, f"date +%s.%N > {stamp}")
             latencies.append(read_stamp(stamp) - committed)
             time.sleep(random.uniform(0.05, 0.2))  # the workers go back to their idle wait
@@ -3843,6 +3856,30 @@ class Bench:
             bench_row("f", "bytes on disk per finished job", f"{bytes_per_job:.0f} B", "report", None),
         ]
 
+    # -- (i), (j) PostgreSQL next to SQLite ------------------------------------------
+
+    def postgresql(self, url):
+        """(i) drain throughput at W=2 and W=8 on PostgreSQL and SQLite, alternately; (j) pickup via NOTIFY."""
+        rows = []
+        for workers in (2, 8):
+            with bench_schema(url, f"bench_drain_{workers}"):
+                self.cli(url, "init")
+                pg_rate = self.burst_rate(url, BENCH_JOBS, workers)
+            sqlite_rate = self.burst_rate(self.db(f"drain-{workers}"), BENCH_JOBS, workers)
+            rows.append(bench_row("i", f"{BENCH_JOBS} x `true`, {workers} workers: PostgreSQL vs SQLite",
+                                  f"{pg_rate:.0f} vs {sqlite_rate:.0f} jobs/s: {pg_rate / sqlite_rate:.2f}",
+                                  "report", None))
+        with bench_schema(url, "bench_pickup"):
+            self.cli(url, "init")
+            pool, _ = self.start_pool(url, BENCH_WORKERS)
+            try:
+                time.sleep(0.5)
+                latencies = self.pickup_latencies(url)
+            finally:
+                self.stop_pool(pool)
+        row = self.pickup_row(latencies)
+        return rows + [("j", row[1].replace("pickup latency", "PostgreSQL pickup latency (NOTIFY)"), *row[2:])]
+
     # -- (h) a backlog of jobs not yet due ------------------------------------------
 
     def future_backlog(self):
@@ -3884,6 +3921,29 @@ class Bench:
             return [bench_row("g", f"peak RSS, job writing {gigabytes:g} GB", "n/a: no /proc here", "≤ 64 MB", None)]
         return [bench_row("g", f"peak RSS of a worker whose job writes {gigabytes:g} GB",
                           f"{peak / 2**20:.1f} MB", "≤ 64 MB", peak <= 64 * 2**20)]
+
+
+@contextmanager
+def bench_schema(url, name):
+    """Run a PostgreSQL measure in a fresh schema of its own ($QUEUECTL_PG_SCHEMA, inherited by
+    the processes it starts), dropped afterwards."""
+    import psycopg
+
+    def drop():
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+    saved = os.environ.get("QUEUECTL_PG_SCHEMA")
+    os.environ["QUEUECTL_PG_SCHEMA"] = name
+    drop()
+    try:
+        yield
+    finally:
+        drop()
+        if saved is None:
+            del os.environ["QUEUECTL_PG_SCHEMA"]
+        else:
+            os.environ["QUEUECTL_PG_SCHEMA"] = saved
 
 
 def last_seq(db):
@@ -4091,6 +4151,7 @@ def build_parser():
     bench = command("bench", cmd_bench, "measure this machine against the performance targets")
     bench.add_argument("--large", action="store_true",
                        help="also 1,000,000 finished jobs and a 1 GB output (a few minutes)")
+    bench.add_argument("--pg", metavar="URL", help="also PostgreSQL at URL, next to SQLite (rows i, j)")
     return parser
 
 
