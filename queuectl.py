@@ -449,6 +449,7 @@ SCHEMA_V3 = [
     WHERE state IN ('pending', 'failed') AND deps_left = 0
     """,
     "CREATE INDEX jobs_by_queue ON jobs (queue, seq)",
+    "CREATE INDEX deps_by_job ON deps (job_id)",  # purge drops a job's own edges by job_id
     "DROP TRIGGER job_counts_on_update",
     "DROP TRIGGER job_counts_on_delete",
     "DROP TABLE job_counts",
@@ -556,7 +557,7 @@ def connect(target, durable=True):
     results, which then run again (at least once).
     """
     if is_postgres_url(target):
-        return PostgresEngine(target)
+        return PostgresEngine(target, durable)
     return SqliteEngine(target, durable)
 
 
@@ -590,6 +591,8 @@ def migrate(engine):
     with engine.transaction():
         engine.lock_schema()
         version = check_schema(engine)  # again under the lock: another process may have migrated
+        if version == SCHEMA_VERSION:
+            return
         refuse_while_older_workers_run(engine, version)
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in engine.MIGRATIONS.get(step, ()):
@@ -691,8 +694,14 @@ class Engine:
     """What both engines share; each defines the rest of the seam (see above)."""
 
     LOCK_FOR_UPDATE = ""  # ends a read of rows the transaction goes on to change
-    LOCK_FOR_SHARE = ""  # ends a read of rows whose state the transaction counts on
     location = None  # where the queue is, for people (`init`)
+    CALLS_CAN_HANG = False  # whether a statement can block past the fence (a network that went silent)
+
+    def hold_dependency(self, job_id):
+        """Keep job_id from settling its dependents until we commit (SQLite's write lock does it)."""
+
+    def hold_dependents(self, job_id):
+        """Wait for transactions holding job_id as a dependency (SQLite's write lock does it)."""
 
     def claim_query(self, queues):
         """The claim's SELECT, limited to queues (all when empty), with its parameters."""
@@ -1047,7 +1056,7 @@ PG_SCHEMA_V3 = [
     WHERE state IN ('pending', 'failed') AND deps_left = 0
     """,
     "CREATE INDEX jobs_by_state ON jobs (state, seq)",
-    "CREATE INDEX jobs_by_queue ON jobs (queue, state, seq)",
+    "CREATE INDEX jobs_by_queue ON jobs (queue, seq)",
     "CREATE INDEX jobs_leased ON jobs (lease_until) WHERE state = 'processing'",
     """
     CREATE TABLE deps (
@@ -1056,6 +1065,7 @@ PG_SCHEMA_V3 = [
         PRIMARY KEY (depends_on, job_id)
     )
     """,
+    "CREATE INDEX deps_by_job ON deps (job_id)",
     "CREATE TABLE config (key text PRIMARY KEY, value text NOT NULL)",
     """
     CREATE TABLE workers (
@@ -1075,7 +1085,8 @@ PG_SCHEMA_V3 = [
 ]
 
 
-PG_MIGRATIONS = {3: PG_SCHEMA_V3}  # PostgreSQL came with version 3: its first step is the whole schema
+PG_MIGRATIONS = {3: PG_SCHEMA_V3}
+CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock  # PostgreSQL came with version 3: its first step is the whole schema
 
 
 class PgRow:
@@ -1114,23 +1125,33 @@ def pg_sql(sql):
 def pg_schema_name():
     """The schema that holds the queue's tables: $QUEUECTL_PG_SCHEMA, else queuectl."""
     name = os.environ.get("QUEUECTL_PG_SCHEMA") or "queuectl"
-    if not PG_SCHEMA_NAME_RE.fullmatch(name):
+    if not PG_SCHEMA_NAME_RE.fullmatch(name) or name.lower().startswith("pg_"):
         raise UsageError(f"QUEUECTL_PG_SCHEMA must be 1-63 letters, digits or _ starting with a letter "
-                         f"or _, got '{name}'")
+                         f"or _ (not pg_), got '{name}'")
     return name
 
 
-def redacted_url(url):
-    """A PostgreSQL URL without its password or parameters, fit to print."""
-    from urllib.parse import urlsplit
+def url_parts(url):
+    """The URL as libpq reads it ({user, password, host, port, dbname, ...}), or None if it cannot."""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "postgresql://(unreadable URL)"
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        from psycopg import Error as DriverError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return None
+    try:
+        return conninfo_to_dict(url)
+    except DriverError:  # a URL libpq cannot read: nothing of it is shown
+        return None
+
+
+def redacted_url(url):
+    """A PostgreSQL URL without its password or parameters, as libpq reads it: fit to print."""
+    parts = url_parts(url)
+    if parts is None:
+        return "postgresql://(a URL that cannot be read)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
 
 
 class PostgresEngine(Engine):
@@ -1139,15 +1160,15 @@ class PostgresEngine(Engine):
     The connection is in autocommit mode; transaction() is BEGIN ... COMMIT at
     READ COMMITTED. The claim takes its job with FOR UPDATE SKIP LOCKED, so
     claimers never wait for each other; a command that reads a job to change
-    it locks that row (FOR UPDATE), and a dependency it counts (FOR SHARE),
-    which SQLite's single write lock did for them. Leases are measured on the
-    server's clock, so hosts whose clocks differ still agree on them. Idle
+    it locks that row (FOR UPDATE), which SQLite's single write lock did for
+    them, and holds the dependencies
+    it counts (hold_dependency). Leases are measured on the server's clock, so hosts whose clocks differ still agree on them. Idle
     workers LISTEN on a channel that enqueue NOTIFYs.
     """
 
     MIGRATIONS = PG_MIGRATIONS
     LOCK_FOR_UPDATE = "FOR UPDATE"
-    LOCK_FOR_SHARE = "FOR SHARE"
+    CALLS_CAN_HANG = True
 
     BECOME_DUE_SQL = """
     SELECT seq
@@ -1184,18 +1205,22 @@ class PostgresEngine(Engine):
       AND is_due = :is_due
     """
 
-    def __init__(self, url):
+    def __init__(self, url, durable=True):
         try:
             import psycopg
         except ImportError:
             raise QueueError('a postgresql database needs the psycopg package: '
                              'python3 -m pip install "psycopg[binary]"') from None
         self.psycopg = psycopg
+        if url.split("/", 3)[2].count("@") > 1:  # libpq would read the rest of the password as the host
+            raise UsageError("the PostgreSQL URL has more than one '@' before the host; write an '@' in the "
+                             "user name or password as %40")
         self.url, self.schema = url, pg_schema_name()
         self.path = redacted_url(url)
         self.location = f"{self.path} (schema {self.schema})"
         self.wake_channel = f"{self.schema}_wake"
         self.conn = None
+        self.durable, self.lock_wait_s = durable, busy_timeout_s()
         self.open()
         try:
             check_schema(self)
@@ -1207,22 +1232,31 @@ class PostgresEngine(Engine):
     def open(self):
         """Connect, put our schema first on the search path, and learn the server's clock."""
         try:
-            self.conn = self.psycopg.connect(self.url, autocommit=True, row_factory=pg_row_factory,
-                                             connect_timeout=10, application_name=f"queuectl {self.schema}")
+            # Keepalives and a TCP user timeout: a silent network ends a call
+            # in seconds instead of hanging it (the fence watchdog covers the rest).
+            self.conn = self.psycopg.connect(
+                self.url, autocommit=True, row_factory=pg_row_factory, connect_timeout=10,
+                application_name=f"queuectl {self.schema}", client_encoding="utf8", keepalives=1,
+                keepalives_idle=5, keepalives_interval=2, keepalives_count=3, tcp_user_timeout=10000)
         except self.psycopg.Error as e:
             raise StorageError(f"cannot connect to {self.path}: {self.one_line(e)}", "lost") from e
         self.execute(f'SET search_path TO "{self.schema}"')
-        self.set_lock_wait(busy_timeout_s())
-        asked_at = time.time()
+        self.execute(f"SET synchronous_commit = {'on' if self.durable else 'local'}")
+        self.set_lock_wait(self.lock_wait_s)
+        self.learn_the_clock()
+
+    def learn_the_clock(self):
+        """Anchor now() on the server's clock and our monotonic one: local wall-clock steps never count."""
+        asked_at = time.monotonic()
         server_s = float(self.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
-        self.clock_offset_s = server_s - (asked_at + time.time()) / 2
+        self.clock_anchor = (server_s, (asked_at + time.monotonic()) / 2)
 
     # -- statements and transactions ---------------------------------------
 
     def execute(self, sql, params=()):
         """Run one statement; its Result (rows are PgRow: by name or position)."""
         try:
-            cursor = self.conn.execute(pg_sql(sql), params or None)
+            cursor = self.conn.execute(pg_sql(sql), params) if params else self.conn.execute(sql)
             return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
         except self.psycopg.Error as e:
             raise self.error(e) from e
@@ -1251,22 +1285,40 @@ class PostgresEngine(Engine):
     def lock_schema(self):
         """Serialize migrations across hosts, and create the schema if it is new."""
         self.execute("SELECT pg_advisory_xact_lock(hashtext(:name))", {"name": f"queuectl:{self.schema}"})
-        self.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        if not self.execute("SELECT 1 FROM pg_namespace WHERE nspname = :schema", {"schema": self.schema}).rows:
+            self.execute(f'CREATE SCHEMA "{self.schema}"')  # needs CREATE on the database: only when missing
+
+    def hold_dependency(self, job_id):
+        """A shared advisory lock on job_id as a dependency, to our commit.
+
+        Advisory, not FOR SHARE on the row: the dependency's worker keeps
+        renewing its lease while a long enqueue of its dependents runs.
+        """
+        self.execute("SELECT pg_advisory_xact_lock_shared(hashtext(:key))", {"key": f"{self.schema}:{job_id}"})
+
+    def hold_dependents(self, job_id):
+        """The exclusive side of hold_dependency, taken before job_id settles its dependents."""
+        self.execute("SELECT pg_advisory_xact_lock(hashtext(:key))", {"key": f"{self.schema}:{job_id}"})
 
     def set_lock_wait(self, seconds):
         """How long a statement may wait for a row another transaction holds (lock_timeout)."""
+        self.lock_wait_s = seconds  # kept: a reconnect sets it again
         self.execute(f"SET lock_timeout = {max(int(seconds * 1000), 1)}")  # 0 would mean forever
 
     def now(self):
         """Epoch seconds on the server's clock: every host measures leases alike."""
-        return time.time() + self.clock_offset_s
+        server_s, at = self.clock_anchor
+        if time.monotonic() - at > CLOCK_ANCHOR_S:
+            self.learn_the_clock()
+            server_s, at = self.clock_anchor
+        return server_s + (time.monotonic() - at)
 
     def reconnect(self):
         """Open a new connection after the old one was lost."""
         self.close()
         self.open()
         if self.listening:
-            self.execute(f'LISTEN "{self.wake_channel}"')
+            self.listen(None)
 
     def close(self):
         """Close the connection."""
@@ -1311,13 +1363,11 @@ class PostgresEngine(Engine):
     def has_work(self, queues):
         """Whether a job of queues (all when empty) is pending, failed or processing."""
         queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
-        return self.execute(f"""
-            SELECT 1
-            FROM jobs
-            WHERE state IN ('pending', 'failed', 'processing')
-              {queue_filter}
-            LIMIT 1
-            """, list(queues)).fetchone() is not None
+        for state in ("processing", "pending", "failed"):  # one walk of jobs_by_state each, never the table
+            if self.execute(f"SELECT 1 FROM jobs WHERE state = ? {queue_filter} ORDER BY state, seq LIMIT 1",
+                            [state, *queues]).rows:
+                return True
+        return False
 
     # -- waking idle workers: LISTEN / NOTIFY, on every host -------------------------
 
@@ -1326,6 +1376,7 @@ class PostgresEngine(Engine):
     def listen(self, worker_id):
         """LISTEN for nudges on this connection (no registry address: NOTIFY reaches every host)."""
         self.execute(f'LISTEN "{self.wake_channel}"')
+        self.conn.add_notify_handler(lambda notify: None)  # else psycopg keeps every one it reads
         self.listening = True
 
     def wake_source(self):
@@ -1344,25 +1395,29 @@ class PostgresEngine(Engine):
             pass  # a lost connection shows itself at the next statement
 
     def wake_workers(self):
-        """NOTIFY every listening worker, on every host."""
-        self.execute(f'NOTIFY "{self.wake_channel}"')
+        """NOTIFY every listening worker, on every host; best effort, as they poll anyway."""
+        try:
+            self.execute(f'NOTIFY "{self.wake_channel}"')
+        except StorageError:
+            pass  # what was committed stays committed; the workers find it at their next poll
 
     # -- errors ----------------------------------------------------------------
 
     def one_line(self, error):
         """A driver error's text on one line, the password never in it."""
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        from urllib.parse import urlsplit
-        try:
-            password = urlsplit(self.url).password
-        except ValueError:
-            password = None
-        return text.replace(password, "***") if password else text
+        text = text.replace(self.url, self.path)  # libpq may echo a URL it cannot read
+        password = (url_parts(self.url) or {}).get("password")
+        if password:
+            text = text.replace(f":{password}@", ":***@")
+            if len(password) >= 8:  # a short one would blot out ordinary words
+                text = text.replace(password, "***")
+        return text
 
     def error(self, error):
         """A psycopg error as a StorageError: one line that names the database."""
         state, text = getattr(error, "sqlstate", None) or "", self.one_line(error)
-        if self.conn is None or self.conn.closed or isinstance(error, self.psycopg.OperationalError) and not state:
+        if self.conn is None or self.conn.closed or self.conn.broken:
             return StorageError(f"lost the connection to {self.path}: {text}", "lost")
         if state in ("55P03", "40P01", "40001"):  # lock_not_available, deadlock, serialization
             return StorageError(f"database {self.path} is busy: another transaction held a lock for more "
@@ -1523,12 +1578,14 @@ def link_dependencies(conn, rows, line_of):
     A dependency must already exist or come earlier in the same batch, which
     also makes cycles impossible.
     """
-    earlier = {}
+    earlier, stored = {}, {}
     for row in rows:
         for dep in row["depends_on"]:
             if dep == row["id"]:
                 raise UsageError(f"{line_of(row)}depends_on: job '{dep}' cannot depend on itself")
-            state = earlier[dep]["state"] if dep in earlier else job_state(conn, dep, conn.LOCK_FOR_SHARE)
+            if dep not in earlier and dep not in stored:  # each dependency held and read once
+                stored[dep] = dependency_state(conn, dep)
+            state = earlier[dep]["state"] if dep in earlier else stored[dep]
             if state is None:
                 raise QueueError(f"{line_of(row)}depends_on: job '{dep}' not found")
             if state in ("dead", "canceled") and row["state"] != "canceled":
@@ -1539,14 +1596,22 @@ def link_dependencies(conn, rows, line_of):
         earlier[row["id"]] = row
 
 
-def job_state(conn, job_id, lock=""):
-    """The state of one job, or None if there is no such job.
-
-    lock is conn.LOCK_FOR_SHARE when the caller's transaction counts on that
-    state (a dependency): on PostgreSQL it then cannot change until we commit.
-    """
-    row = conn.execute(f"SELECT state FROM jobs WHERE id = ? {lock}", (job_id,)).fetchone()
+def job_state(conn, job_id):
+    """The state of one job, or None if there is no such job."""
+    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return row[0] if row else None
+
+
+def dependency_state(conn, job_id):
+    """The state of a job the caller's transaction counts on as a dependency.
+
+    Held (conn.hold_dependency) before it is read, so that the job cannot end
+    and settle its dependents (settle_dependents holds it too) until we commit:
+    a new dependent is then either counted as waiting and released by that
+    end, or sees the end already.
+    """
+    conn.hold_dependency(job_id)
+    return job_state(conn, job_id)
 
 
 def enqueue_rows(conn, rows, if_absent=False, lines=None):
@@ -1767,6 +1832,7 @@ def write_run(conn, job, result, config, now):
 
 def settle_dependents(conn, job_id, state, now):
     """After job_id reached state: release its dependents, or cancel them all the way down."""
+    conn.hold_dependents(job_id)  # waits for transactions adding dependents of it (dependency_state)
     if state == "completed":
         conn.execute(RELEASE_DEPENDENTS_SQL, {"id": job_id, "now": now})
     elif state in ("dead", "canceled"):
@@ -1805,7 +1871,8 @@ def fail_lost_jobs(conn, where_sql, params, reason, now=None):
         for job in conn.execute(f"SELECT * FROM jobs WHERE state = 'processing' AND {where_sql}",
                                 params).fetchall():
             state = write_run(conn, dict(job), RunResult(error=reason), config, now)
-            settled.append((job["id"], state))
+            if state is not None:  # None: its worker recorded it meanwhile
+                settled.append((job["id"], state))
     return settled
 
 
@@ -1975,7 +2042,7 @@ def unmet_dependencies(conn, job):
     """
     unmet = 0
     for dep in json.loads(job["depends_on"]):
-        state = job_state(conn, dep, conn.LOCK_FOR_SHARE)
+        state = dependency_state(conn, dep)
         if state in ("dead", "canceled"):
             raise QueueError(f"job '{job['id']}' depends on '{dep}', which is {state}; retry '{dep}' first")
         if state not in (None, "completed"):
@@ -1990,13 +2057,30 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
         if state not in END_STATES:
             raise UsageError(f"purge deletes only jobs in end states ({', '.join(END_STATES)}), not '{state}'")
     marks = ", ".join("?" for _ in states)
-    where = f"state IN ({marks}) AND coalesce(finished_at, updated_at) < ?"
+    select = f"""
+        SELECT id FROM jobs
+        WHERE state IN ({marks}) AND coalesce(finished_at, updated_at) < ?
+        LIMIT {PURGE_BATCH} {conn.LOCK_FOR_UPDATE}
+        """
     params = [*states, now - older_than_s if older_than_s is not None else math.inf]
-    with conn.transaction():
-        # Both ends: an ended job's edges are settled, and a later job may reuse its id.
-        conn.execute(f"DELETE FROM deps WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params)
-        conn.execute(f"DELETE FROM deps WHERE depends_on IN (SELECT id FROM jobs WHERE {where})", params)
-        return conn.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
+    purged = 0
+    while True:
+        # A batch to a short transaction: a purge of millions never holds the lock for long, and
+        # the rows it deletes are locked first (a retry cannot take one back half way).
+        with conn.transaction():
+            ids = [row[0] for row in conn.execute(select, params)]
+            if ids:
+                id_marks = ", ".join("?" for _ in ids)
+                # Both ends: an ended job's edges are settled, and a later job may reuse its id.
+                conn.execute(f"DELETE FROM deps WHERE job_id IN ({id_marks})", ids)
+                conn.execute(f"DELETE FROM deps WHERE depends_on IN ({id_marks})", ids)
+                conn.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
+        purged += len(ids)
+        if len(ids) < PURGE_BATCH:
+            return purged
+
+
+PURGE_BATCH = 500  # jobs deleted per transaction (a statement binds at most 999 values in older SQLite)
 
 
 def count_by_state(conn):
@@ -2201,6 +2285,7 @@ class CommandRun:
         self.stop_reason = None
         self.kill_at = math.inf
         self.fence_at = math.inf  # the worker's lease deadline: past it the job is killed at once
+        self.fence_watch_done = None  # set when watch_the_fence() runs, to end its thread
 
     def start(self):
         """Spawn the command; return an error line if it could not start, else None."""
@@ -2224,6 +2309,25 @@ class CommandRun:
             self.stop_reason = reason
             kill_group(self.proc.pid, signal.SIGTERM)
         self.kill_at = min(self.kill_at, time.monotonic() + grace_s)
+
+    def watch_the_fence(self):
+        """Kill the job at fence_at from a thread of its own, even while the loop is stuck in a call.
+
+        For engines whose calls can block past the fence (a PostgreSQL server
+        behind a network that went silent): the loop's own check runs only
+        between calls.
+        """
+        import threading
+        self.fence_watch_done = threading.Event()
+
+        def watch():
+            while not self.fence_watch_done.wait(min(max(self.fence_at - time.monotonic(), 0.01), 0.5)):
+                if time.monotonic() >= self.fence_at:
+                    self.stop_reason = self.stop_reason or "killed: its lease could not be renewed in time"
+                    kill_group(self.proc.pid, signal.SIGKILL)
+                    return
+
+        threading.Thread(target=watch, name="queuectl-fence", daemon=True).start()
 
     def wait(self, tick_s, on_tick, wake_sources=()):
         """Read output until the command exits; return its RunResult.
@@ -2331,7 +2435,9 @@ class CommandRun:
                 pass
 
     def close(self):
-        """Close the selector, the pipes and the pidfd."""
+        """Stop watching the fence; close the selector, the pipes and the pidfd."""
+        if self.fence_watch_done is not None:
+            self.fence_watch_done.set()
         self.selector.close()
         self.proc.close_pipes()
         if self.pidfd is not None:
@@ -2657,6 +2763,8 @@ class Worker:
             self.lease_renewed_at = job["claimed_at"]
             run.fence_at = self.fence_at(job["claimed_at"])
             self.set_patience(min(0.2, self.config["lease_timeout"] / 10))  # a tick never blocks past the fence
+            if self.conn.CALLS_CAN_HANG:
+                run.watch_the_fence()
             try:
                 result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources())
             finally:

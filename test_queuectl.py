@@ -3325,3 +3325,37 @@ def test_a_worker_whose_connection_is_cut_reconnects_and_records_its_job(fast, p
     enqueue("-c", "echo after", "--id", "after")  # the pool goes on working
     assert wait_until(lambda: show("after")["state"] == "completed", timeout=20), log_text(workers)
     assert workers.poll() is None
+
+
+def test_the_fence_watch_kills_a_job_while_the_worker_is_stuck_in_a_call():
+    run = queuectl.CommandRun("exec sleep 30", dict(os.environ), None, 0, 65536)
+    assert run.start() is None
+    try:
+        run.fence_at = time.monotonic() + 0.2
+        run.watch_the_fence()
+        # The worker's loop is stuck (a database call that hangs): nobody reads the pipes or the clock.
+        assert wait_until(lambda: run.proc.poll() is not None, timeout=10)
+        assert run.proc.poll() == -signal.SIGKILL
+        assert run.stop_reason == "killed: its lease could not be renewed in time"
+    finally:
+        queuectl.kill_group(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        run.fence_watch_done.set()
+        run.proc.close_pipes()
+
+
+def test_a_postgresql_url_with_an_unencoded_at_in_the_password_is_exit_2_and_shows_none_of_it(db):
+    pytest.importorskip("psycopg")
+    code, out, err = cli("--db", "postgresql://alice:p@ssW0rdX@127.0.0.1:1/queue", "status")
+    assert (code, out) == (2, "")
+    assert error_line(err) == ("queuectl: error: the PostgreSQL URL has more than one '@' before the host; "
+                               "write an '@' in the user name or password as %40")
+    assert "ssW0rdX" not in err
+
+
+@needs_pg
+def test_a_schema_name_of_postgresqls_own_is_exit_2(db, monkeypatch):
+    monkeypatch.setenv("QUEUECTL_PG_SCHEMA", "pg_mine")
+    code, _, err = cli("status")
+    assert code == 2
+    assert "(not pg_), got 'pg_mine'" in error_line(err)
