@@ -672,6 +672,52 @@ def if_possible(conn, operation, *args):
         return None
 
 
+def claim_statements(ready, by_run_at, skip_locked):
+    """The claim's SQL, written once; each engine gives its index hints and row locking.
+
+    BECOME_DUE_SQL finds, oldest first, jobs whose run_at has come, through
+    jobs_by_run_at: never the jobs still scheduled for later. A job whose
+    canceled run is still being stopped (its lease token kept by cancel_jobs)
+    waits until that run is gone or its lease has run out: a job never runs
+    twice at once, not even after cancel + retry. PROMOTE_DUE_SQL marks them
+    due. CLAIM_SELECT_SQL takes the best due job through jobs_ready, whose
+    order is its ORDER BY. OLDEST_RUN_AT_SQL is one step into jobs_by_run_at.
+    """
+    become_due = f"""
+    SELECT seq
+    FROM jobs {by_run_at}
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 0
+      AND run_at <= :now
+      AND (lease_token IS NULL OR lease_until < :now)
+    ORDER BY run_at
+    LIMIT :batch
+    """
+    promote_due = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({become_due} {skip_locked})"
+    claim_select = f"""
+    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
+           state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
+           updated_at AS updated_at_before
+    FROM jobs {ready}
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = 1
+      {{queue_filter}}
+    ORDER BY priority DESC, seq
+    LIMIT 1
+    {skip_locked}
+    """
+    oldest_run_at = f"""
+    SELECT min(run_at)
+    FROM jobs {by_run_at}
+    WHERE state IN ('pending', 'failed')
+      AND deps_left = 0
+      AND is_due = :is_due
+    """
+    return become_due, promote_due, claim_select, oldest_run_at
+
+
 class Result:
     """A statement's rows, all read inside the engine (so a bad page fails there), and its rowcount."""
 
@@ -779,45 +825,10 @@ class SqliteEngine(Engine):
 
     MIGRATIONS = SQLITE_MIGRATIONS
 
-    # Before a claim, jobs whose run_at has come become due. Through
-    # jobs_by_run_at this reads only those, oldest first, never the jobs still
-    # scheduled for later. A job whose canceled run is still being stopped (its
-    # lease token kept by cancel_jobs) waits until that run is gone or its lease
-    # has run out: a job never runs twice at once, not even after cancel + retry.
-    BECOME_DUE_SQL = """
-    SELECT seq
-    FROM jobs INDEXED BY jobs_by_run_at
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = 0
-      AND run_at <= :now
-      AND (lease_token IS NULL OR lease_until < :now)
-    ORDER BY run_at
-    LIMIT :batch
-    """
-    PROMOTE_DUE_SQL = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({BECOME_DUE_SQL})"
-
-    CLAIM_SELECT_SQL = """
-    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
-           state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
-           updated_at AS updated_at_before
-    FROM jobs INDEXED BY jobs_ready  -- never a sort of all pending jobs, whatever the planner thinks
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = 1
-      {queue_filter}
-    ORDER BY priority DESC, seq
-    LIMIT 1
-    """
-
-    # One step into jobs_by_run_at for a value of is_due.
-    OLDEST_RUN_AT_SQL = """
-    SELECT min(run_at)
-    FROM jobs INDEXED BY jobs_by_run_at
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = :is_due
-    """
+    # The claim's statements (see claim_statements), with SQLite's index hints:
+    # its planner would sort every pending job rather than trust a partial index.
+    BECOME_DUE_SQL, PROMOTE_DUE_SQL, CLAIM_SELECT_SQL, OLDEST_RUN_AT_SQL = claim_statements(
+        ready="INDEXED BY jobs_ready", by_run_at="INDEXED BY jobs_by_run_at", skip_locked="")
 
     def __init__(self, path, durable=True):
         prepare_db_file(path)
@@ -1170,40 +1181,9 @@ class PostgresEngine(Engine):
     LOCK_FOR_UPDATE = "FOR UPDATE"
     CALLS_CAN_HANG = True
 
-    BECOME_DUE_SQL = """
-    SELECT seq
-    FROM jobs
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = 0
-      AND run_at <= :now
-      AND (lease_token IS NULL OR lease_until < :now)
-    ORDER BY run_at
-    LIMIT :batch
-    """
-    PROMOTE_DUE_SQL = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({BECOME_DUE_SQL} FOR UPDATE SKIP LOCKED)"
-
-    CLAIM_SELECT_SQL = """
-    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
-           state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
-           updated_at AS updated_at_before
-    FROM jobs
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = 1
-      {queue_filter}
-    ORDER BY priority DESC, seq
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-    """
-
-    OLDEST_RUN_AT_SQL = """
-    SELECT min(run_at)
-    FROM jobs
-    WHERE state IN ('pending', 'failed')
-      AND deps_left = 0
-      AND is_due = :is_due
-    """
+    # The claim's statements (see claim_statements): claimers skip the rows others hold.
+    BECOME_DUE_SQL, PROMOTE_DUE_SQL, CLAIM_SELECT_SQL, OLDEST_RUN_AT_SQL = claim_statements(
+        ready="", by_run_at="", skip_locked="FOR UPDATE SKIP LOCKED")
 
     def __init__(self, url, durable=True):
         try:
