@@ -618,6 +618,11 @@ def is_busy(error):
     return getattr(error, "kind", None) == "busy"
 
 
+def is_transient(error):
+    """Whether an error will likely pass: a lock held elsewhere, or a connection to open again."""
+    return getattr(error, "kind", None) in ("busy", "lost")
+
+
 def is_corrupt(error):
     """Whether an error says the database is damaged or not a database at all."""
     return getattr(error, "kind", None) == "corrupt"
@@ -640,7 +645,7 @@ def retry_busy(operation, conn, *args, give_up_s=None, is_wanted=None):
         try:
             return operation(conn, *args)
         except StorageError as e:
-            if e.kind not in ("busy", "lost") or time.monotonic() >= give_up_at or (is_wanted and not is_wanted()):
+            if not is_transient(e) or time.monotonic() >= give_up_at or (is_wanted and not is_wanted()):
                 raise
             if e.kind == "lost":
                 try_to_reconnect(conn)
@@ -2608,8 +2613,7 @@ class Worker:
         self.patience_s = busy_timeout_s()
         self.config = load_config(self.conn)
         self.wake_addr = self.conn.listen(self.worker_id)
-        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id, self.queues,
-                   self.wake_addr, give_up_s=math.inf, is_wanted=lambda: not self.should_stop())
+        self.register(give_up_s=math.inf)  # a locked database at start is waited out too
         # What wakes us, each with what empties it: signals, and enqueue nudges.
         self.idle = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
         self.idle.register(self.signal_r, selectors.EVENT_READ, drain)
@@ -2632,7 +2636,7 @@ class Worker:
             try:
                 self.db(unregister_process, self.worker_id)
             except StorageError as e:
-                if not (is_busy(e) or e.kind == "lost"):
+                if not is_transient(e):
                     raise  # a stale row is pruned by the next reader
             self.conn.close()
         return 0
@@ -2643,14 +2647,16 @@ class Worker:
             self.keep_up()
             return self.db(claim, self.worker_id, self.claim_query, self.config["lease_timeout"])
         except StorageError as e:
-            if not (is_busy(e) or e.kind == "lost"):
+            if not is_transient(e):
                 raise
             log(f"{self.label} is waiting: {e}")
             return None
 
-    def register(self):
-        """Add (or add again) this worker to the registry."""
-        self.db(register_process, self.worker_id, "worker", self.supervisor_id, self.queues, self.wake_addr)
+    def register(self, give_up_s=None):
+        """Add (or add again) this worker to the registry, patient for give_up_s (default: self.patience_s)."""
+        retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id, self.queues,
+                   self.wake_addr, give_up_s=self.patience_s if give_up_s is None else give_up_s,
+                   is_wanted=lambda: not self.should_stop())
 
     def db(self, operation, *args):
         """operation(self.conn, *args), patient with a locked database for self.patience_s."""
@@ -2668,7 +2674,7 @@ class Worker:
         try:
             return self.db(operation, *args)
         except StorageError as e:
-            if not (is_busy(e) or e.kind == "lost"):
+            if not is_transient(e):
                 raise
             log(f"{self.label} is waiting to write job {self.job['id'] if self.job else '?'}: {e}")
         result = retry_busy(operation, self.conn, *args, give_up_s=math.inf)
@@ -2781,7 +2787,7 @@ class Worker:
             self.renew_when_due(run)
             standing = self.db(run_standing, self.job)
         except StorageError as e:
-            if not (is_busy(e) or e.kind == "lost"):
+            if not is_transient(e):
                 raise
             # The lease still has time (run.fence_at kills the job before it
             # runs out); the next tick tries again.
@@ -3031,7 +3037,7 @@ class Supervisor:
             self.collect_exited()
             self.maintain()
         except StorageError as e:
-            if not (is_busy(e) or e.kind == "lost"):
+            if not is_transient(e):
                 raise
             log(f"supervisor: {e}; will try again")
 

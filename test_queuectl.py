@@ -2710,34 +2710,31 @@ def test_a_version_2_database_is_upgraded_with_counts_per_queue_and_its_due_jobs
 # Faults: cancel + retry, ISO times on every Python, a worker that cannot start
 # ---------------------------------------------------------------------------
 
-def test_a_retried_job_waits_until_its_canceled_run_is_gone(db):
-    enqueue("-c", "true", "--id", "j")
-    conn = queuectl.connect(db)
-    try:
+@contextmanager
+def running_then_canceled_and_retried(db, job_id="j"):
+    """A job claimed by worker 'w' (30 s lease), then canceled and retried from the CLI:
+    yields (conn, the claim's query, the claimed job) while its canceled run still counts as alive."""
+    enqueue("-c", "true", "--id", job_id)
+    with contextlib.closing(queuectl.connect(db)) as conn:
         query = conn.claim_query([])
         job = queuectl.claim(conn, "w", query, 30)
-        assert cli("cancel", "j")[0] == 0
-        assert cli("retry", "j")[0] == 0
-        assert show("j")["state"] == "pending"
+        assert cli("cancel", job_id)[0] == 0 and cli("retry", job_id)[0] == 0
+        assert show(job_id)["state"] == "pending"
+        yield conn, query, job
+
+
+def test_a_retried_job_waits_until_its_canceled_run_is_gone(db):
+    with running_then_canceled_and_retried(db) as (conn, query, job):
         assert queuectl.claim(conn, "w", query, 30) is None  # the canceled run has not ended yet
         stopped = queuectl.RunResult(exit_code=None, error="canceled")
         assert queuectl.record_run(conn, job, stopped, queuectl.load_config(conn)) is None  # its worker: gone
         assert queuectl.claim(conn, "w", query, 30)["id"] == "j"
-    finally:
-        conn.close()
 
 
 def test_a_retried_job_whose_canceled_run_lost_its_worker_runs_once_the_lease_is_over(db):
-    enqueue("-c", "true", "--id", "j")
-    conn = queuectl.connect(db)
-    try:
-        query = conn.claim_query([])
-        queuectl.claim(conn, "w", query, 30)
-        assert cli("cancel", "j")[0] == 0 and cli("retry", "j")[0] == 0
-        assert queuectl.claim(conn, "w", query, 30, now=time.time() + 10) is None
-        assert queuectl.claim(conn, "w", query, 30, now=time.time() + 31)["id"] == "j"
-    finally:
-        conn.close()
+    with running_then_canceled_and_retried(db) as (conn, query, _):
+        assert queuectl.claim(conn, "w", query, 30, now=conn.now() + 10) is None
+        assert queuectl.claim(conn, "w", query, 30, now=conn.now() + 31)["id"] == "j"
 
 
 @pytest.mark.parametrize("text, expected", [
