@@ -89,7 +89,15 @@ MAX_COMMAND_BYTES = 128 * 1024 - 1
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this much later (timeout, cancel)
 ABORT_GRACE_S = 1.0  # the same on a forced shutdown (second signal)
 FORCED_SHUTDOWN = "interrupted by a forced shutdown"  # a stop reason that is not counted
+FENCE_KILL = "killed: its lease could not be renewed in time"
+TAKEN_OVER = "its lease was taken over"
+LEASE_LOST_REASONS = (FENCE_KILL, TAKEN_OVER)  # stop reasons of a run whose worker lost the job
 OUTPUT_GRACE_S = 0.2  # read output this long after the job's main process exited
+OUTPUT_FLUSH_S = 0.5  # a running job's new output reaches the database at most this often
+FOLLOW_POLL_S = 0.2  # how often `logs -f` looks for new output
+MAX_QUEUE_LIMIT = 1_000_000
+# How a run ended (`show`'s runs); a run that is still going is 'running'.
+RUN_OUTCOMES = ("running", "completed", "failed", "timed_out", "lost", "canceled", "interrupted")
 SUPERVISOR_TICK_S = 0.2  # how often the supervisor looks at its pool and the db
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: times must print as ISO-8601
@@ -484,12 +492,54 @@ SCHEMA_V3 = [
     """,
 ]
 
+# Version 4: every run kept, and queues that can be paused and limited.
+# * runs: one row per run that started, numbered per job by jobs.last_run
+#   (never reused, not even after a retry). It keeps the run's own tail of
+#   stdout and stderr as bytes, and how many bytes it wrote in all; a running
+#   job's worker flushes them there, so `logs -f` can follow from any host.
+#   Keyed by the job's seq: a purged job's id may come back as a new job.
+# * queues: a queue's settings (paused, max_running; 0: no limit). A queue
+#   without a row has none. jobs_running finds the runs going in a queue (the
+#   jobs holding a lease token: few, one per busy worker at most) for its limit.
+# Runs of jobs that ran before version 4 were not kept; their jobs still show
+# their last output.
+SCHEMA_V4 = [
+    "ALTER TABLE jobs ADD COLUMN last_run INTEGER NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE runs (
+        job_seq       INTEGER NOT NULL,
+        run           INTEGER NOT NULL,   -- 1, 2, ... over the job's whole life
+        attempt       INTEGER NOT NULL,   -- its QUEUECTL_ATTEMPT
+        worker_id     TEXT,
+        host          TEXT,
+        started_at    REAL NOT NULL,
+        finished_at   REAL,               -- NULL while it runs
+        exit_code     INTEGER,
+        error         TEXT,
+        outcome       TEXT NOT NULL,      -- RUN_OUTCOMES
+        stdout        BLOB NOT NULL DEFAULT x'',  -- the last output_limit bytes
+        stdout_bytes  INTEGER NOT NULL DEFAULT 0, -- every byte written
+        stderr        BLOB NOT NULL DEFAULT x'',
+        stderr_bytes  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_seq, run)
+    )
+    """,
+    """
+    CREATE TABLE queues (
+        queue        TEXT PRIMARY KEY,
+        paused       INTEGER NOT NULL DEFAULT 0,
+        max_running  INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
+]
+
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 3
-SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
-OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts"}
+SCHEMA_VERSION = 4
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
+OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues"}
 
 
 # ---------------------------------------------------------------------------
@@ -677,6 +727,18 @@ def if_possible(conn, operation, *args):
         return None
 
 
+# The queues whose jobs are not claimed now: paused, or with as many runs going
+# as their limit (see running_in).
+BLOCKED_QUEUES_SQL = """
+    SELECT queue FROM queues
+    WHERE paused = 1
+       OR (max_running > 0
+           AND max_running <= (SELECT count(*) FROM jobs AS running
+                               WHERE running.lease_token IS NOT NULL AND running.queue = queues.queue
+                                 AND running.lease_until >= :now))
+"""
+
+
 def claim_statements(ready, by_run_at, skip_locked):
     """The claim's SQL, written once; each engine gives its index hints and row locking.
 
@@ -701,13 +763,15 @@ def claim_statements(ready, by_run_at, skip_locked):
     """
     promote_due = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({become_due} {skip_locked})"
     claim_select = f"""
-    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries,
+    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries, queue, last_run,
            state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
-           updated_at AS updated_at_before
+           updated_at AS updated_at_before,
+           (SELECT max_running FROM queues WHERE queues.queue = jobs.queue) AS queue_limit
     FROM jobs {ready}
     WHERE state IN ('pending', 'failed')
       AND deps_left = 0
       AND is_due = 1
+      AND queue NOT IN ({BLOCKED_QUEUES_SQL})
       {{queue_filter}}
     ORDER BY priority DESC, seq
     LIMIT 1
@@ -721,6 +785,9 @@ def claim_statements(ready, by_run_at, skip_locked):
       AND is_due = :is_due
     """
     return become_due, promote_due, claim_select, oldest_run_at
+
+
+ClaimQuery = collections.namedtuple("ClaimQuery", "sql params queues full")
 
 
 class Result:
@@ -754,11 +821,15 @@ class Engine:
     def hold_dependents(self, job_id):
         """Wait for transactions holding job_id as a dependency (SQLite's write lock does it)."""
 
-    def claim_query(self, queues):
-        """The claim's SELECT, limited to queues (all when empty), with its parameters."""
+    def claim_query(self, queues, full=()):
+        """The claim's SELECT for queues (all when empty) but never those full, with its parameters."""
         names = {f"q{i}": queue for i, queue in enumerate(queues)}
         queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
-        return self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter), names
+        skipped = {f"full{i}": queue for i, queue in enumerate(full)}
+        if skipped:
+            queue_filter += f" AND queue NOT IN ({', '.join(':' + n for n in skipped)})"
+        return ClaimQuery(self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter), {**names, **skipped},
+                          tuple(queues), tuple(full))
 
     @contextmanager
     def waiting_at_most(self, seconds):
@@ -939,17 +1010,18 @@ class SqliteEngine(Engine):
         self.executemany("UPDATE job_counts SET n = n + ? WHERE queue = ? AND state = ?",
                          [(n, queue, state) for (queue, state), n in counts.items()])
 
-    def has_work(self, queues):
-        """Whether a job of queues (all when empty) is pending, failed or processing."""
+    def has_work(self, queues, paused=()):
+        """Whether a job of queues (all when empty) is processing, or pending or failed and not paused."""
         queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
         return self.execute(f"""
             SELECT 1
             FROM job_counts
-            WHERE state IN ('pending', 'failed', 'processing')
-              AND n > 0
+            WHERE n > 0
+              AND (state = 'processing'
+                   OR (state IN ('pending', 'failed') AND queue NOT IN ({', '.join('?' for _ in paused)})))
               {queue_filter}
             LIMIT 1
-            """, list(queues)).fetchone() is not None
+            """, [*paused, *queues]).fetchone() is not None
 
     # -- waking idle workers: an abstract unix datagram socket each (Linux) ------
 
@@ -1101,8 +1173,40 @@ PG_SCHEMA_V3 = [
 ]
 
 
-PG_MIGRATIONS = {3: PG_SCHEMA_V3}
-CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock  # PostgreSQL came with version 3: its first step is the whole schema
+# Version 4: runs and queues, as SCHEMA_V4.
+PG_SCHEMA_V4 = [
+    "ALTER TABLE jobs ADD COLUMN last_run integer NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE runs (
+        job_seq       bigint NOT NULL,
+        run           integer NOT NULL,
+        attempt       integer NOT NULL,
+        worker_id     text,
+        host          text,
+        started_at    double precision NOT NULL,
+        finished_at   double precision,
+        exit_code     integer,
+        error         text,
+        outcome       text NOT NULL,
+        stdout        bytea NOT NULL DEFAULT '',
+        stdout_bytes  bigint NOT NULL DEFAULT 0,
+        stderr        bytea NOT NULL DEFAULT '',
+        stderr_bytes  bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_seq, run)
+    )
+    """,
+    """
+    CREATE TABLE queues (
+        queue        text PRIMARY KEY,
+        paused       integer NOT NULL DEFAULT 0,
+        max_running  integer NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
+]
+
+PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4}  # PostgreSQL came with version 3: its first step is the whole schema
+CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
 class PgRow:
@@ -1345,12 +1449,14 @@ class PostgresEngine(Engine):
     def add_to_counts(self, counts):
         """Nothing to keep: jobs are counted when asked."""
 
-    def has_work(self, queues):
-        """Whether a job of queues (all when empty) is pending, failed or processing."""
+    def has_work(self, queues, paused=()):
+        """Whether a job of queues (all when empty) is processing, or pending or failed and not paused."""
         queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
         for state in ("processing", "pending", "failed"):  # one walk of jobs_by_state each, never the table
-            if self.execute(f"SELECT 1 FROM jobs WHERE state = ? {queue_filter} ORDER BY state, seq LIMIT 1",
-                            [state, *queues]).rows:
+            skip = paused if state != "processing" else ()
+            skip_filter = f"AND queue NOT IN ({', '.join('?' for _ in skip)})" if skip else ""
+            if self.execute(f"SELECT 1 FROM jobs WHERE state = ? {queue_filter} {skip_filter} "
+                            "ORDER BY state, seq LIMIT 1", [state, *queues, *skip]).rows:
                 return True
         return False
 
@@ -1658,6 +1764,7 @@ CLAIM_UPDATE_SQL = """
 UPDATE jobs
 SET state = 'processing',
     attempts = attempts + 1,
+    last_run = last_run + 1,
     worker_id = :worker_id,
     lease_token = :lease_token,
     lease_until = :lease_until,
@@ -1665,6 +1772,11 @@ SET state = 'processing',
     updated_at = :now
 WHERE seq = :seq
   AND state IN ('pending', 'failed')
+"""
+
+START_RUN_SQL = """
+INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, outcome)
+VALUES (:seq, :run, :attempt, :worker_id, :host, :now, 'running')
 """
 
 # Used for every end of a run. The lease token fences it: a worker that lost
@@ -1688,6 +1800,31 @@ SET state = :state,
 WHERE seq = :seq
   AND state = 'processing'
   AND lease_token = :lease_token
+"""
+
+# The run's own record, in the same transaction as its job's. Output given as
+# NULL keeps what the worker flushed last (a lost worker's run).
+FINISH_RUN_SQL = """
+UPDATE runs
+SET outcome = :outcome,
+    exit_code = :exit_code,
+    error = :error,
+    finished_at = :now,
+    stdout = coalesce(:stdout, stdout),
+    stdout_bytes = coalesce(:stdout_bytes, stdout_bytes),
+    stderr = coalesce(:stderr, stderr),
+    stderr_bytes = coalesce(:stderr_bytes, stderr_bytes)
+WHERE job_seq = :seq
+  AND run = :run
+"""
+
+# A running job's output so far (flush_output); a run already finished is left alone.
+FLUSH_OUTPUT_SQL = """
+UPDATE runs
+SET stdout = :stdout, stdout_bytes = :stdout_bytes, stderr = :stderr, stderr_bytes = :stderr_bytes
+WHERE job_seq = :seq
+  AND run = :run
+  AND finished_at IS NULL
 """
 
 # A canceled job keeps its run's lease token until the run is over (see
@@ -1734,18 +1871,43 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
     marks it processing, guarded by its state. The job gets a new lease token;
     only that token can record its result.
     """
-    sql, params = claim_query
     claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
     now = conn.now() if now is None else now
     promote_due_jobs(conn, now)
     with conn.transaction():
-        job = conn.execute(sql, params).fetchone()
+        job = take_best_job(conn, claim_query, now)
         if job is None:
             return None
         token = os.urandom(8).hex()
+        run = dict(seq=job["seq"], run=job["last_run"] + 1, attempt=job["attempts"] + 1, worker_id=worker_id,
+                   host=HOST, now=now)
         conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
                                         "lease_until": now + lease_s, "now": now})
-    return dict(job, attempts=job["attempts"] + 1, lease_token=token, claimed_at=claimed_at)
+        conn.execute(START_RUN_SQL, run)
+    return dict(job, attempts=run["attempt"], last_run=run["run"], lease_token=token, claimed_at=claimed_at)
+
+
+def take_best_job(conn, claim_query, now):
+    """The best due job of a queue with room, inside the claim's transaction; None if none.
+
+    The SELECT already skips full queues (BLOCKED_QUEUES_SQL), but on
+    PostgreSQL two claimers may both see the last free place of a limited
+    queue: so the queue's row is locked and its processing jobs counted
+    again, and a queue found full is skipped for the next best job. (SQLite's
+    write lock makes the second count redundant, and cheap.)
+    """
+    while True:
+        job = conn.execute(claim_query.sql, {**claim_query.params, "now": now}).fetchone()
+        if job is None or not job["queue_limit"] or queue_has_room(conn, job["queue"], now):
+            return job
+        claim_query = conn.claim_query(claim_query.queues, claim_query.full + (job["queue"],))
+
+
+def queue_has_room(conn, queue, now):
+    """Whether a limited queue has fewer processing jobs than its limit; locks its row to our commit."""
+    row = conn.execute(f"SELECT max_running FROM queues WHERE queue = ? {conn.LOCK_FOR_UPDATE}",
+                       (queue,)).fetchone()
+    return row is None or not row[0] or running_in(conn, queue, now) < row[0]
 
 
 PROMOTE_BATCH = 1000  # jobs marked due per transaction: many due at once never hold the lock long
@@ -1793,8 +1955,29 @@ def record_run(conn, job, result, config, now=None):
     with conn.transaction():
         state = write_run(conn, job, result, config, now)
         if state is None:
-            conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
+            release_stopped_run(conn, job, result, now)
         return state
+
+
+def release_stopped_run(conn, job, result, now):
+    """Our run of a job canceled meanwhile is over: clear its lease token, keep its end and output.
+
+    Nothing happens when the token is not ours any more: the run was lost
+    (reaped, its lease run out) and recorded so by whoever took it over.
+    """
+    if conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]}).rowcount:
+        conn.execute(FINISH_RUN_SQL, run_params(job, result, now, outcome="canceled", error="canceled by the user"))
+
+
+def run_params(job, result, now, outcome=None, error=None):
+    """FINISH_RUN_SQL's parameters for job's current run, ended with result."""
+    params = {"seq": job["seq"], "run": job["last_run"], "outcome": outcome or result.outcome,
+              "exit_code": result.exit_code, "error": error or result.error, "now": now}
+    for stream in ("stdout", "stderr"):
+        tail = getattr(result, stream + "_tail")
+        params[stream] = bytes(tail.data) if tail is not None else None
+        params[stream + "_bytes"] = tail.total if tail is not None else None
+    return params
 
 
 def write_run(conn, job, result, config, now):
@@ -1811,6 +1994,7 @@ def write_run(conn, job, result, config, now):
         "retry_at": retry_at, "now": now}).rowcount
     if not written:
         return None
+    conn.execute(FINISH_RUN_SQL, run_params(job, result, now))
     settle_dependents(conn, job["id"], state, now)
     return state
 
@@ -1826,21 +2010,39 @@ def settle_dependents(conn, job_id, state, now):
 
 
 class RunResult:
-    """How one run ended: exit code (None if it never exited), error line, output tails."""
+    """How one run ended: exit code (None if it never exited), error line, output tails.
+
+    stdout and stderr are the kept tails as text (the job's fields);
+    stdout_tail and stderr_tail the OutputTails themselves (the run's bytes),
+    None when the output is not known (a lost worker's run).
+    """
 
     def __init__(self, exit_code=None, error=None, stdout="", stderr="", stdout_cut=0, stderr_cut=0,
-                 stop_reason=None, duration_s=0.0):
+                 stop_reason=None, duration_s=0.0, lost=False, stdout_tail=None, stderr_tail=None):
         self.exit_code = exit_code
         self.error = error
         self.stdout, self.stderr = stdout, stderr
         self.stdout_cut, self.stderr_cut = stdout_cut, stderr_cut
+        self.stdout_tail, self.stderr_tail = stdout_tail, stderr_tail
         self.stop_reason = stop_reason
         self.duration_s = duration_s
+        self.lost = lost
 
     @property
     def is_success(self):
         """Exit status 0 and not stopped by queuectl."""
         return self.exit_code == 0 and self.error is None
+
+    @property
+    def outcome(self):
+        """The run's outcome (RUN_OUTCOMES) as `show` tells it."""
+        if self.is_success:
+            return "completed"
+        if self.lost or self.stop_reason in LEASE_LOST_REASONS:
+            return "lost"
+        if self.stop_reason is not None and self.stop_reason.startswith("timed out"):
+            return "timed_out"
+        return "failed"
 
 
 def fail_lost_jobs(conn, where_sql, params, reason, now=None):
@@ -1855,7 +2057,7 @@ def fail_lost_jobs(conn, where_sql, params, reason, now=None):
     with conn.transaction():
         for job in conn.execute(f"SELECT * FROM jobs WHERE state = 'processing' AND {where_sql}",
                                 params).fetchall():
-            state = write_run(conn, dict(job), RunResult(error=reason), config, now)
+            state = write_run(conn, dict(job), RunResult(error=reason, lost=True), config, now)
             if state is not None:  # None: its worker recorded it meanwhile
                 settled.append((job["id"], state))
     return settled
@@ -1875,9 +2077,15 @@ def reap_expired_leases(conn, now=None):
                           "worker lost: its lease ran out with no heartbeat", now)
 
 
-def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not counted", now=None):
-    """Put an interrupted job back to pending without counting the run (forced shutdown)."""
+def return_job_uncounted(conn, job, result=None, reason=FORCED_SHUTDOWN + "; this run was not counted",
+                         now=None):
+    """Put an interrupted job back to pending without counting the run (forced shutdown).
+
+    The run is kept, as interrupted, with its output (result; None: what was
+    flushed last).
+    """
     now = conn.now() if now is None else now
+    result = result or RunResult(error=reason)
     with conn.transaction():
         returned = conn.execute("""
             UPDATE jobs
@@ -1888,8 +2096,10 @@ def return_job_uncounted(conn, job, reason=FORCED_SHUTDOWN + "; this run was not
               AND lease_token = :lease_token
             """, {"seq": job["seq"], "lease_token": job["lease_token"], "reason": reason,
                   "now": now}).rowcount == 1
-        if not returned:  # canceled meanwhile: its run is over now
-            conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
+        if returned:
+            conn.execute(FINISH_RUN_SQL, run_params(job, result, now, outcome="interrupted", error=reason))
+        else:  # canceled meanwhile: its run is over now
+            release_stopped_run(conn, job, result, now)
         return returned
 
 
@@ -1897,6 +2107,7 @@ GIVE_BACK_SQL = """
 UPDATE jobs
 SET state = :state_before,
     attempts = attempts - 1,
+    last_run = last_run - 1,
     last_error = :last_error_before,
     started_at = :started_at_before,
     updated_at = :updated_at_before,
@@ -1910,12 +2121,21 @@ WHERE seq = :seq
 
 
 def give_back(conn, job):
-    """Undo a claim whose job never started: the job is exactly as it was before."""
+    """Undo a claim whose job never started: the job is exactly as it was before, its run unmade."""
     with conn.transaction():
-        if not conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
+        if conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
                 "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
-                "updated_at_before")}).rowcount:  # canceled meanwhile: it never ran
-            conn.execute(RELEASE_STOPPED_RUN_SQL, {"seq": job["seq"], "lease_token": job["lease_token"]})
+                "updated_at_before")}).rowcount:
+            conn.execute("DELETE FROM runs WHERE job_seq = ? AND run = ?", (job["seq"], job["last_run"]))
+        else:  # canceled meanwhile: its run ends as canceled, having never started
+            release_stopped_run(conn, job, RunResult(), conn.now())
+
+
+def flush_output(conn, job, stdout, stderr):
+    """Keep a running job's output tails (OutputTail) in its run, where followers read them."""
+    conn.execute(FLUSH_OUTPUT_SQL, {"seq": job["seq"], "run": job["last_run"],
+                                    "stdout": bytes(stdout.data), "stdout_bytes": stdout.total,
+                                    "stderr": bytes(stderr.data), "stderr_bytes": stderr.total})
 
 
 def renew_lease(conn, job, lease_s, now=None):
@@ -1991,6 +2211,8 @@ def cancel_jobs(conn, ids, now=None):
                     finished_at = :now, updated_at = :now
                 WHERE seq = :seq
                 """, {"seq": job["seq"], "now": now})
+            if job["state"] == "processing":  # its worker adds the exit code and output when it is gone
+                conn.execute(FINISH_RUN_SQL, run_params(job, RunResult(), now, "canceled", "canceled by the user"))
             settle_dependents(conn, job["id"], "canceled", now)
     return jobs
 
@@ -2043,7 +2265,7 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
             raise UsageError(f"purge deletes only jobs in end states ({', '.join(END_STATES)}), not '{state}'")
     marks = ", ".join("?" for _ in states)
     select = f"""
-        SELECT id FROM jobs
+        SELECT id, seq FROM jobs
         WHERE state IN ({marks}) AND coalesce(finished_at, updated_at) < ?
         LIMIT {PURGE_BATCH} {conn.LOCK_FOR_UPDATE}
         """
@@ -2053,12 +2275,14 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
         # A batch to a short transaction: a purge of millions never holds the lock for long, and
         # the rows it deletes are locked first (a retry cannot take one back half way).
         with conn.transaction():
-            ids = [row[0] for row in conn.execute(select, params)]
+            rows = conn.execute(select, params).fetchall()
+            ids, seqs = [row[0] for row in rows], [row[1] for row in rows]
             if ids:
                 id_marks = ", ".join("?" for _ in ids)
                 # Both ends: an ended job's edges are settled, and a later job may reuse its id.
                 conn.execute(f"DELETE FROM deps WHERE job_id IN ({id_marks})", ids)
                 conn.execute(f"DELETE FROM deps WHERE depends_on IN ({id_marks})", ids)
+                conn.execute(f"DELETE FROM runs WHERE job_seq IN ({id_marks})", seqs)
                 conn.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
         purged += len(ids)
         if len(ids) < PURGE_BATCH:
@@ -2129,6 +2353,168 @@ def job_json(row):
     }
 
 
+def runs_of(conn, job):
+    """The job's runs, oldest first, without their output."""
+    return conn.execute("""
+        SELECT run, attempt, worker_id, host, started_at, finished_at, exit_code, error, outcome,
+               stdout_bytes, stderr_bytes
+        FROM runs
+        WHERE job_seq = ?
+        ORDER BY run
+        """, (job["seq"],)).fetchall()
+
+
+def run_json(row):
+    """A run row as the contract's JSON object."""
+    return {
+        "run": row["run"], "attempt": row["attempt"], "worker": row["worker_id"], "host": row["host"],
+        "started_at": iso(row["started_at"]), "finished_at": iso(row["finished_at"]),
+        "exit_code": row["exit_code"], "error": row["error"], "outcome": row["outcome"],
+        "stdout_bytes": row["stdout_bytes"], "stderr_bytes": row["stderr_bytes"],
+    }
+
+
+def run_output(conn, job, run, stream):
+    """(kept bytes, bytes written in all, finished) of one run's stream; None if there is no such run."""
+    row = conn.execute(f"SELECT {stream}, {stream}_bytes, finished_at FROM runs WHERE job_seq = ? AND run = ?",
+                       (job["seq"], run)).fetchone()
+    return None if row is None else (bytes(row[0]), row[1], row[2] is not None)
+
+
+# ---------------------------------------------------------------------------
+# Queue operations: queues paused and limited
+# ---------------------------------------------------------------------------
+
+def check_queue_name(name):
+    """A queue name as section 2 allows it."""
+    if not QUEUE_RE.fullmatch(name):
+        raise UsageError(f"queue must be 1-64 characters of A-Z a-z 0-9 . _ -, got {json.dumps(name)}")
+    return name
+
+
+def set_queues(conn, names, column, value):
+    """Set paused or max_running for queues (they need no jobs); a queue back at the defaults has no row."""
+    assert column in ("paused", "max_running")
+    with conn.transaction():
+        for name in dict.fromkeys(names):
+            conn.execute(f"""
+                INSERT INTO queues (queue, {column}) VALUES (:queue, :value)
+                ON CONFLICT (queue) DO UPDATE SET {column} = excluded.{column}
+                """, {"queue": name, "value": value})
+            conn.execute("DELETE FROM queues WHERE queue = ? AND paused = 0 AND max_running = 0", (name,))
+
+
+def queue_settings(conn):
+    """{queue: (paused, limit)} of the queues that have settings."""
+    return {row[0]: (bool(row[1]), row[2]) for row in conn.execute("SELECT queue, paused, max_running FROM queues")}
+
+
+def list_queues(conn):
+    """Every queue that has jobs or settings, by name, with its counts in every state."""
+    counts, settings = conn.count_jobs(), queue_settings(conn)
+    names = {queue for (queue, _), n in counts.items() if n} | set(settings)
+    queues = []
+    for name in sorted(names):
+        jobs = {state: counts.get((name, state), 0) for state in STATES}
+        paused, limit = settings.get(name, (False, 0))
+        queues.append({"queue": name, "paused": paused, "limit": limit, "jobs": jobs, **jobs})
+    return queues
+
+
+# ---------------------------------------------------------------------------
+# Queue operations: why a job is where it is
+# ---------------------------------------------------------------------------
+#
+# Only reads: asking never changes anything, nor waits for a writer.
+
+def explain_job(conn, job_id, now=None):
+    """{id, state, reasons: [{code, text}]}: every reason that holds (contract section 7)."""
+    job = get_job(conn, job_id)
+    now = conn.now() if now is None else now
+    if job["state"] == "processing":
+        reasons = [("running", running_text(conn, job))]
+    elif job["state"] in END_STATES:
+        reasons = [("ended", ended_text(job))]
+    else:
+        reasons = waiting_reasons(conn, job, now)
+    return {"id": job["id"], "state": job["state"],
+            "reasons": [{"code": code, "text": text} for code, text in reasons]}
+
+
+def running_text(conn, job):
+    """Who runs the job, where, since when, and until when its lease holds."""
+    row = conn.execute("SELECT host FROM runs WHERE job_seq = ? AND run = ?", (job["seq"], job["last_run"])).fetchone()
+    host = row[0] if row and row[0] else "?"
+    return (f"running on worker {job['worker_id']} on host {host} since {iso(job['started_at'])} (attempt "
+            f"{job['attempts']} of {job['max_retries'] + 1}); its lease runs until {iso(job['lease_until'])}")
+
+
+def ended_text(job):
+    """Which end state, and why."""
+    if job["state"] == "completed":
+        return f"completed at {iso(job['finished_at'])} after {job['attempts']} attempt(s)"
+    if job["state"] == "dead":
+        return f"dead after {job['attempts']} attempt(s): {job['last_error']}"
+    error = job["last_error"] or "canceled"
+    return error if error.startswith("canceled") else f"canceled: {error}"
+
+
+def waiting_reasons(conn, job, now):
+    """Why a pending or failed job has not run yet: every reason that holds."""
+    reasons = []
+    if job["run_at"] > now:
+        wait = f"{iso(job['run_at'])} (in {seconds_text(job['run_at'] - now)})"
+        if job["state"] == "failed":
+            reasons.append(("not_due", f"retry {job['attempts']} of {job['max_retries']} after "
+                                       f"'{job['last_error']}' is due at {wait}"))
+        else:
+            reasons.append(("not_due", f"scheduled: not due until {wait}"))
+    for dep in json.loads(job["depends_on"]):
+        state = job_state(conn, dep)  # a purged dependency had ended: it counts as met
+        if state not in (None, "completed"):
+            reasons.append(("waiting_on_dependency", f"waits for its dependency '{dep}', which is {state}"))
+    paused, limit = queue_settings(conn).get(job["queue"], (False, 0))
+    if paused:
+        reasons.append(("queue_paused", f"queue '{job['queue']}' is paused (queuectl queue resume {job['queue']})"))
+    running = running_in(conn, job["queue"], now) if limit else 0
+    if limit and running >= limit:
+        reasons.append(("queue_at_limit", f"queue '{job['queue']}' is at its limit: {running} of {limit} "
+                                          "running"))
+    if not reasons:
+        reasons.append(worker_reason(conn, job, now))
+    return reasons
+
+
+def running_in(conn, queue, now):
+    """How many runs of queue's jobs are going: processing ones, and canceled ones still being stopped.
+
+    Both hold their run's lease token, and its lease while their worker
+    lives (jobs_running): a canceled job's command keeps its place in the
+    limit until its process group is gone.
+    """
+    return conn.execute("""
+        SELECT count(*) FROM jobs WHERE lease_token IS NOT NULL AND queue = :queue AND lease_until >= :now
+        """, {"queue": queue, "now": now}).fetchone()[0]
+
+
+def worker_reason(conn, job, now):
+    """A due job: no live worker takes its queue, or they are busy with jobs ahead of it."""
+    workers = [p for p in live_processes(conn, now, tidy=False)
+               if p["kind"] == "worker" and (not p["queues"] or job["queue"] in p["queues"])]
+    if not workers:
+        return ("no_worker_for_queue", f"due, but no live worker takes jobs of queue '{job['queue']}' "
+                                       f"(queuectl worker start --queue {job['queue']})")
+    ahead = conn.execute(f"""
+        SELECT count(*) FROM jobs
+        WHERE state IN ('pending', 'failed') AND deps_left = 0 AND run_at <= :now
+          AND (priority > :priority OR (priority = :priority AND seq < :seq))
+          AND queue NOT IN ({BLOCKED_QUEUES_SQL})
+        """, {"now": now, "priority": job["priority"], "seq": job["seq"]}).fetchone()[0]
+    busy = sum(1 for p in workers if p["current_job"])
+    return ("waiting_for_worker", f"due; {busy} of {len(workers)} worker(s) for queue '{job['queue']}' "
+                                  f"are busy, {ahead} due job(s) ahead of it")
+
+
 # ---------------------------------------------------------------------------
 # Worker registry and wake-ups
 # ---------------------------------------------------------------------------
@@ -2178,17 +2564,18 @@ def is_alive(row, lease_s, now):
     return row["host"] != HOST or pid_exists(row["pid"])
 
 
-def live_processes(conn, now=None):
+def live_processes(conn, now=None, tidy=True):
     """The registry's live supervisors and workers, each with its current job.
 
     Rows of processes that are gone are never shown as alive, and are deleted
-    on the way when the database lets us at once: a reader never waits to tidy up.
+    on the way (if tidy) when the database lets us at once: a reader never
+    waits to tidy up.
     """
     now = conn.now() if now is None else now
     lease_s = load_config(conn)["lease_timeout"]
     rows = conn.execute("SELECT * FROM workers ORDER BY started_at, id").fetchall()
     dead = [row["id"] for row in rows if not is_alive(row, lease_s, now)]
-    if dead:
+    if dead and tidy:
         if_possible(conn, forget_processes, dead)
     current = {r["worker_id"]: r["id"] for r in
                conn.execute("SELECT id, worker_id FROM jobs WHERE state = 'processing'")}
@@ -2224,6 +2611,11 @@ class OutputTail:
         if excess > 0:
             del self.data[:excess]
             self.cut += excess
+
+    @property
+    def total(self):
+        """Every byte the stream carried, the dropped ones included."""
+        return self.cut + len(self.data)
 
     def text(self):
         """The kept bytes as text, bad UTF-8 and NUL bytes replaced (PostgreSQL text holds no NUL)."""
@@ -2308,21 +2700,24 @@ class CommandRun:
         def watch():
             while not self.fence_watch_done.wait(min(max(self.fence_at - time.monotonic(), 0.01), 0.5)):
                 if time.monotonic() >= self.fence_at:
-                    self.stop_reason = self.stop_reason or "killed: its lease could not be renewed in time"
+                    self.stop_reason = self.stop_reason or FENCE_KILL
                     kill_group(self.proc.pid, signal.SIGKILL)
                     return
 
         threading.Thread(target=watch, name="queuectl-fence", daemon=True).start()
 
-    def wait(self, tick_s, on_tick, wake_sources=()):
+    def wait(self, tick_s, on_tick, wake_sources=(), on_output=None):
         """Read output until the command exits; return its RunResult.
 
         on_tick() runs tick_s seconds after the start, then as often as its
         return value (seconds) says, and at once when one of wake_sources, a
         list of (selectable, empty), is readable (empty(selectable) reads what
         woke it); it may call stop(). The timeout stops the job the same way.
-        If anything here raises, the job's process group is killed first: a
-        job never outlives the worker's interest in it.
+        on_output(stdout, stderr) gets the tails when there is new output, at
+        most every OUTPUT_FLUSH_S and never in the first (a short job's output
+        is recorded with its result). If anything here raises, the job's
+        process group is killed first: a job never outlives the worker's
+        interest in it.
         """
         import selectors
         self.selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
@@ -2335,6 +2730,7 @@ class CommandRun:
             self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
         self.deadline = self.started_at + self.timeout_s if self.timeout_s else math.inf
         self.next_tick = self.started_at + tick_s
+        self.on_output, self.flush_at, self.flushed = on_output, self.started_at + OUTPUT_FLUSH_S, (0, 0)
         self.exited_at = None
         try:
             while not self.is_finished(time.monotonic()):
@@ -2366,18 +2762,27 @@ class CommandRun:
             self.stop(f"timed out after {seconds_text(self.timeout_s)}", KILL_GRACE_S)
             self.deadline = math.inf
         if now >= self.fence_at:  # our lease could go to another worker: never two runs at once
-            self.stop("killed: its lease could not be renewed in time", 0)
+            self.stop(FENCE_KILL, 0)
             self.fence_at = math.inf
         if now >= self.kill_at:
             kill_group(self.proc.pid, signal.SIGKILL)
             self.kill_at = math.inf
         if now >= self.next_tick:
             self.next_tick = now + on_tick()
+        if now >= self.flush_at and self.has_new_output():
+            self.flush_at = now + OUTPUT_FLUSH_S
+            if self.on_output(self.stdout, self.stderr):  # False: not written, try again at the next
+                self.flushed = (self.stdout.total, self.stderr.total)
+
+    def has_new_output(self):
+        """Whether the job wrote anything since the last flush (and anyone wants it)."""
+        return self.on_output is not None and self.flushed != (self.stdout.total, self.stderr.total)
 
     def wait_s(self, now):
         """How long select() may sleep before the next thing there is to do."""
         output_grace_at = self.exited_at + OUTPUT_GRACE_S if self.exited_at is not None else math.inf
-        wait_s = min(self.deadline, self.kill_at, self.fence_at, self.next_tick, output_grace_at) - now
+        flush_at = self.flush_at if self.has_new_output() else math.inf
+        wait_s = min(self.deadline, self.kill_at, self.fence_at, self.next_tick, output_grace_at, flush_at) - now
         if self.pidfd is None and self.exited_at is None:
             wait_s = min(wait_s, 0.05)  # no pidfd: poll for the exit
         return max(wait_s, 0)
@@ -2437,7 +2842,7 @@ class CommandRun:
             exit_code=returncode if returncode >= 0 else None, error=error,
             stdout=self.stdout.text(), stderr=self.stderr.text(),
             stdout_cut=self.stdout.cut, stderr_cut=self.stderr.cut, stop_reason=self.stop_reason,
-            duration_s=time.monotonic() - self.started_at)
+            duration_s=time.monotonic() - self.started_at, stdout_tail=self.stdout, stderr_tail=self.stderr)
 
 
 class ShellProcess:
@@ -2752,7 +3157,7 @@ class Worker:
             if self.conn.CALLS_CAN_HANG:
                 run.watch_the_fence()
             try:
-                result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources())
+                result = run.wait(self.tick_s(), lambda: self.watch(run), self.wake_sources(), self.flush_output)
             finally:
                 self.set_patience(busy_timeout_s())
             self.job_pids[self.slot] = 0
@@ -2796,7 +3201,17 @@ class Worker:
         if standing == "stopping":  # canceled: SIGTERM, SIGKILL 5 s later
             run.stop("canceled", KILL_GRACE_S)
         elif standing == "lost":  # another run may have started: this one ends now
-            run.stop("its lease was taken over", 0)
+            run.stop(TAKEN_OVER, 0)
+
+    def flush_output(self, stdout, stderr):
+        """Write the running job's output so far, for `logs -f`; False if the database said not now."""
+        try:
+            self.db(flush_output, self.job, stdout, stderr)
+            return True
+        except StorageError as e:
+            if not is_transient(e):
+                raise
+            return False  # the next flush, or the result, writes it
 
     def renew_when_due(self, run):
         """Renew the lease every lease_timeout / 3; the fence moves only with a lease granted."""
@@ -2816,7 +3231,7 @@ class Worker:
     def record(self, job, result):
         """Write the result (fenced by the lease token) and log it."""
         if result.stop_reason == FORCED_SHUTDOWN:
-            if self.insist(return_job_uncounted, job):
+            if self.insist(return_job_uncounted, job, result):
                 log(f"{self.label} job {job['id']} interrupted; returned to pending uncounted")
             return
         state = self.insist(record_run, job, result, self.config)
@@ -3068,8 +3483,9 @@ class Supervisor:
             self.abort(self.pending_signal)
 
     def queue_is_empty(self):
-        """Whether no job of our queues is pending, failed or processing."""
-        return not self.conn.has_work(self.queues)
+        """Whether no job of our queues is processing, or pending or failed outside a paused queue."""
+        paused = [queue for queue, (is_paused, _) in queue_settings(self.conn).items() if is_paused]
+        return not self.conn.has_work(self.queues, paused)
 
     def begin_stop(self, why):
         """Stop claiming: each worker finishes its job, records it and exits."""
@@ -3116,7 +3532,7 @@ class Supervisor:
             log(f"could not return the job of a killed worker: {e}")
 
 JOBS_OF_WORKER_SQL = """
-SELECT seq, lease_token
+SELECT seq, lease_token, last_run
 FROM jobs
 WHERE state = 'processing'
   AND worker_id = :worker_id
@@ -3147,13 +3563,14 @@ def print_table(headers, rows):
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def write_raw(text):
-    """Text to stdout as UTF-8 bytes whatever the locale: what a job printed, for piping."""
+def write_raw(data):
+    """Bytes (or text, as UTF-8) to stdout whatever the locale: what a job printed, for piping."""
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:  # a text-only stream (the demo's, the tests')
-        return sys.stdout.write(text)
+        return sys.stdout.write(data if isinstance(data, str) else data.decode("utf-8", "replace"))
     sys.stdout.flush()
-    buffer.write(text.encode("utf-8"))
+    buffer.write(data.encode("utf-8") if isinstance(data, str) else data)
+    buffer.flush()
 
 
 def short_time(ts):
@@ -3434,29 +3851,104 @@ def print_jobs(rows, as_json):
 
 
 def cmd_show(args):
-    """Every field of one job, output included."""
+    """Every field of one job, its runs, its output."""
     with closing(open_db_reaped(args)) as conn:
-        job = job_json(get_job(conn, args.id))
+        row = get_job(conn, args.id)
+        job = dict(job_json(row), runs=[run_json(run) for run in runs_of(conn, row)])
     if args.json:
         return print_json(job)
     for field, value in job.items():
-        if field in ("stdout", "stderr"):
+        if field in ("stdout", "stderr", "runs"):
             continue
         shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
         print(f"{field + ':':<13} {'-' if value is None else shown}")
+    print_runs(job["runs"])
     for stream in ("stdout", "stderr"):
         print(f"--- {stream} ---")
         print(job[stream], end="" if job[stream].endswith("\n") or not job[stream] else "\n")
 
 
+def print_runs(runs):
+    """A job's runs as a table under `runs:`."""
+    if not runs:
+        return print(f"{'runs:':<13} none")
+    print("runs:")
+    print_table(("RUN", "ATTEMPT", "OUTCOME", "EXIT", "STARTED", "FINISHED", "WORKER", "HOST", "ERROR"),
+                [(r["run"], r["attempt"], r["outcome"], "-" if r["exit_code"] is None else r["exit_code"],
+                  short_iso(r["started_at"]), short_iso(r["finished_at"]), r["worker"] or "-", r["host"] or "-",
+                  one_line(r["error"] or "-", 60)) for r in runs])
+
+
+def short_iso(text):
+    """An ISO-8601 UTC time to the second, '-' for none."""
+    return text[:19] + "Z" if text else "-"
+
+
 def cmd_logs(args):
-    """The captured output, raw, for piping; a note on stderr if its start was cut."""
+    """A run's kept output, raw, for piping (a note on stderr if its start was cut); or follow it."""
+    stream = "stderr" if args.stderr else "stdout"
+    if args.run is not None and args.run < 1:
+        raise UsageError(f"--run must be a run number from 1, got {args.run}")
+    if args.follow:
+        if args.run is not None:
+            raise UsageError("--follow follows the current run; it takes no --run")
+        return follow_logs(args, stream)
     with closing(open_db(args)) as conn:
         job = get_job(conn, args.id)
-    stream = "stderr" if args.stderr else "stdout"
-    if job[stream + "_cut"]:
-        print(f"queuectl: note: {cut_marker(job[stream + '_cut']).strip()}", file=sys.stderr)
-    write_raw(job[stream])
+        run = args.run or job["last_run"]
+        output = run_output(conn, job, run, stream) if run else None
+    if output is None and args.run is not None:
+        have = f"its runs are 1 to {job['last_run']}" if job["last_run"] else "it has not run yet"
+        raise QueueError(f"job '{job['id']}' has no run {args.run} ({have})")
+    if output is None:  # never run, or last run before runs were kept (schema 4): the job's own tail
+        if job[stream + "_cut"]:
+            print(f"queuectl: note: {cut_marker(job[stream + '_cut']).strip()}", file=sys.stderr)
+        return write_raw(job[stream])
+    data, written, _ = output
+    if written > len(data):
+        print(f"queuectl: note: {cut_marker(written - len(data)).strip()}", file=sys.stderr)
+    write_raw(data)
+
+
+def follow_logs(args, stream):
+    """Print the job's current run as it is written, then each later run, until the job ends.
+
+    Only reads, every FOLLOW_POLL_S: the worker flushes a running job's
+    output to its run at most every OUTPUT_FLUSH_S, and the run keeps the
+    last output_limit bytes. A follower further behind than that is told how
+    many bytes it missed and goes on from the kept tail. Exit as `wait`: 0
+    if the job ended completed.
+    """
+    with closing(open_db(args)) as conn:
+        job = get_job(conn, args.id)
+        run, printed = max(job["last_run"], 1), 0  # the run followed, and how much of it is printed
+        while True:
+            output = run_output(conn, job, run, stream)
+            if output is not None:
+                printed = print_new_output(output, printed)
+            job = get_job(conn, args.id)
+            if output is not None and output[2] and job["last_run"] > run:  # a later run began
+                run, printed = run + 1, 0
+            elif job["state"] in END_STATES and (output is None or output[2]) and job["last_run"] <= run:
+                break
+            else:
+                time.sleep(FOLLOW_POLL_S)
+    if job["state"] != "completed":
+        raise QueueError(f"job '{job['id']}' ended {job['state']}")
+
+
+def print_new_output(output, printed):
+    """Print what a follower has not printed yet of a run's output; return the bytes printed so far."""
+    data, written, _ = output
+    if written == printed:
+        return printed
+    kept_from = written - len(data)  # the stream offset of the tail's first byte
+    if printed < kept_from:
+        write_raw(f"[queuectl: {kept_from - printed} bytes skipped]\n".encode())
+        printed = kept_from
+    write_raw(data[printed - kept_from:])
+    sys.stdout.flush()
+    return written
 
 
 def cmd_cancel(args):
@@ -3538,6 +4030,59 @@ def cmd_wait(args):
     bad = [f"{job_id} is {state}" for job_id, state in states.items() if state != "completed"]
     if bad:
         raise QueueError("not every job completed: " + ", ".join(bad))
+
+
+def cmd_queue_list(args):
+    """Every queue with jobs or settings: paused, limit, counts."""
+    with closing(open_db_reaped(args)) as conn:
+        queues = list_queues(conn)
+    if args.json:
+        return print_json(queues)
+    if not queues:
+        return print("no queues")
+    print_table(("QUEUE", "PAUSED", "LIMIT", *(state.upper() for state in STATES)),
+                [(q["queue"], "yes" if q["paused"] else "no", q["limit"] or "-", *q["jobs"].values())
+                 for q in queues])
+
+
+def cmd_queue_pause(args):
+    """Stop claiming jobs of queues; running ones go on."""
+    change_queues(args, "paused", 1, "paused queue {}")
+
+
+def cmd_queue_resume(args):
+    """Claim jobs of queues again."""
+    change_queues(args, "paused", 0, "resumed queue {}")
+
+
+def cmd_queue_limit(args):
+    """At most N jobs of a queue processing at once; 0: no limit."""
+    if not 0 <= args.limit <= MAX_QUEUE_LIMIT:
+        raise UsageError(f"a queue limit must be 0 (none) to {MAX_QUEUE_LIMIT:,}, got {args.limit}")
+    args.queues = [args.queue]
+    change_queues(args, "max_running", args.limit,
+                  f"queue {{}}: at most {args.limit} processing" if args.limit else "queue {}: no limit")
+
+
+def change_queues(args, column, value, message):
+    """Check the names, change them all in one transaction, wake the workers, say what was done."""
+    names = [check_queue_name(name) for name in args.queues]
+    with closing(open_db(args)) as conn:
+        set_queues(conn, names, column, value)
+        conn.wake_workers()  # a resumed or widened queue starts now, not at the next poll
+    for name in dict.fromkeys(names):
+        print(message.format(name))
+
+
+def cmd_why(args):
+    """Why a job is where it is: every reason that holds."""
+    with closing(open_db(args)) as conn:
+        answer = explain_job(conn, args.id)
+    if args.json:
+        return print_json(answer)
+    print(f"{answer['id']} is {answer['state']}")
+    for reason in answer["reasons"]:
+        print(f"  - {reason['text']}")
 
 
 def cmd_config_get(args):
@@ -4211,9 +4756,13 @@ def build_parser():
     listing.add_argument("--queue")
     listing.add_argument("--limit", type=int, default=100)
     command("show", cmd_show, "every field of one job", [as_json]).add_argument("id")
-    logs = command("logs", cmd_logs, "a job's captured output, raw")
+    logs = command("logs", cmd_logs, "a job's captured output, raw; -f follows it live")
     logs.add_argument("id")
     logs.add_argument("--stderr", action="store_true")
+    logs.add_argument("--run", type=int, metavar="N", help="run N (default: the latest)")
+    logs.add_argument("-f", "--follow", action="store_true", help="print the output as it is written, "
+                      "run after run, until the job ends (exit as `wait`)")
+    command("why", cmd_why, "why a job is where it is", [as_json]).add_argument("id")
     command("cancel", cmd_cancel, "cancel jobs").add_argument("ids", nargs="+", metavar="ID")
     command("retry", cmd_retry, "retry dead or canceled jobs").add_argument("ids", nargs="+", metavar="ID")
 
@@ -4232,6 +4781,18 @@ def build_parser():
     wait = command("wait", cmd_wait, "wait until jobs end")
     wait.add_argument("ids", nargs="+", metavar="ID")
     wait.add_argument("--timeout", type=float, metavar="S")
+
+    queue = command("queue", None, "list, pause, resume or limit queues")
+    queue_commands = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    command("list", cmd_queue_list, "queues with jobs or settings", [as_json], queue_commands)
+    command("pause", cmd_queue_pause, "stop claiming jobs of queues", subparsers=queue_commands).add_argument(
+        "queues", nargs="+", metavar="Q")
+    command("resume", cmd_queue_resume, "claim jobs of queues again", subparsers=queue_commands).add_argument(
+        "queues", nargs="+", metavar="Q")
+    limit = command("limit", cmd_queue_limit, "at most N processing at once (0: no limit)",
+                    subparsers=queue_commands)
+    limit.add_argument("queue")
+    limit.add_argument("limit", type=int, metavar="N")
 
     config = command("config", None, "read or change settings")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

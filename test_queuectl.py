@@ -264,7 +264,7 @@ def test_a_version_1_database_is_upgraded_with_its_counts(db):
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
                                 "canceled": 0}
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 4
     assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
     assert status()["jobs"]["completed"] == 0
 
@@ -275,8 +275,9 @@ def test_claim_query_uses_the_ready_index_with_and_without_queues(db):
     conn = queuectl.connect(db)
     try:
         for queues in ([], ["a", "b"]):
-            sql, params = conn.claim_query(queues)
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+            query = conn.claim_query(queues)
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query.sql,
+                                                           {**query.params, "now": 0}))
             assert "USING INDEX jobs_ready" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + conn.BECOME_DUE_SQL,
@@ -3356,3 +3357,689 @@ def test_a_schema_name_of_postgresqls_own_is_exit_2(db, monkeypatch):
     code, _, err = cli("status")
     assert code == 2
     assert "(not pg_), got 'pg_mine'" in error_line(err)
+
+
+# ---------------------------------------------------------------------------
+# Runs: every run kept, with its outcome and its own output
+# ---------------------------------------------------------------------------
+
+RUN_FIELDS = {"run", "attempt", "worker", "host", "started_at", "finished_at", "exit_code", "error", "outcome",
+              "stdout_bytes", "stderr_bytes"}
+
+
+def runs_of(job_id):
+    """The `runs` array of `show ID --json`."""
+    return show(job_id)["runs"]
+
+
+def gate(name="go"):
+    """A shell loop that waits until the file name exists (in the job's directory)."""
+    return f"while [ ! -e {name} ]; do sleep 0.02; done"
+
+
+def test_each_run_is_kept_with_every_field_its_attempt_outcome_exit_code_and_byte_counts(fast):
+    command = 'echo "attempt $QUEUECTL_ATTEMPT"; printf ab >&2; [ "$QUEUECTL_ATTEMPT" -ge 3 ] || exit 4'
+    enqueue("-c", command, "--id", "j", "--max-retries", "3")
+    burst()
+    job = show("j")
+    assert (job["state"], job["attempts"]) == ("completed", 3)
+    runs = job["runs"]
+    assert [set(run) >= RUN_FIELDS for run in runs] == [True] * 3, runs
+    assert [(r["run"], r["attempt"], r["outcome"], r["exit_code"], r["error"]) for r in runs] == [
+        (1, 1, "failed", 4, "exit status 4"), (2, 2, "failed", 4, "exit status 4"), (3, 3, "completed", 0, None)]
+    assert [(r["stdout_bytes"], r["stderr_bytes"]) for r in runs] == [(len("attempt 1\n"), 2)] * 3
+    for run in runs:
+        assert run["host"] == queuectl.HOST
+        assert isinstance(run["worker"], str) and run["worker"]
+        assert run["started_at"].endswith("Z") and len(run["started_at"]) == 24
+        assert run["started_at"] <= run["finished_at"]
+    assert runs[0]["finished_at"] <= runs[1]["started_at"] and runs[1]["finished_at"] <= runs[2]["started_at"]
+
+
+def test_human_show_prints_the_runs_as_a_table(fast):
+    enqueue("-c", '[ "$QUEUECTL_ATTEMPT" -ge 2 ] || exit 4', "--id", "j", "--max-retries", "1")
+    burst()
+    enqueue("-c", "true", "--id", "never", "--delay", "3600")
+    code, out, err = cli("show", "j")
+    assert code == 0, err
+    lines = out.splitlines()
+    at = [line.split() for line in lines].index(["runs:"])
+    assert lines[at + 1].split() == ["RUN", "ATTEMPT", "OUTCOME", "EXIT", "STARTED", "FINISHED", "WORKER", "HOST",
+                                     "ERROR"]
+    assert lines[at + 2].split()[:4] == ["1", "1", "failed", "4"] and lines[at + 2].endswith("exit status 4")
+    assert lines[at + 3].split()[:4] == ["2", "2", "completed", "0"]
+    assert at < lines.index("--- stdout ---")
+    code, out, _ = cli("show", "never")
+    assert code == 0 and ["runs:", "none"] in [line.split() for line in out.splitlines()]
+
+
+def test_a_run_that_ran_out_of_time_has_outcome_timed_out(fast):
+    enqueue(json.dumps({"id": "slow", "command": "exec sleep 30", "timeout": 0.3, "max_retries": 0}))
+    burst()
+    job = show("slow")
+    (run,) = job["runs"]
+    assert (job["state"], run["outcome"], run["attempt"]) == ("dead", "timed_out", 1)
+    assert run["error"] == job["last_error"] and run["error"].startswith("timed out after 0.3 s")
+    assert run["exit_code"] == job["exit_code"] and run["finished_at"] is not None
+
+
+def test_the_run_of_a_canceled_processing_job_has_outcome_canceled(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", "echo $$ > job.pid; exec sleep 30")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "job.pid")), log_text(proc)
+    assert [r["outcome"] for r in runs_of(job_id)] == ["running"]
+    assert runs_of(job_id)[0]["finished_at"] is None
+
+    assert cli("cancel", job_id)[0] == 0
+
+    # Once the worker moved on (the next job ran), the run is still the canceled one.
+    (next_id,) = enqueue("-c", "true")
+    assert wait_until(lambda: show(next_id)["state"] == "completed"), log_text(proc)
+    job = show(job_id)
+    (run,) = job["runs"]
+    assert (job["state"], run["outcome"], run["run"], run["attempt"]) == ("canceled", "canceled", 1, 1), job
+    assert run["finished_at"] is not None
+
+
+def test_a_run_whose_workers_were_sigkilled_is_lost_once_its_lease_ran_out(fast, pool, tmp_path):
+    config_set("lease_timeout", "1")
+    command = 'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then echo $$ > job.pid; exec sleep 30; fi; echo second'
+    (job_id,) = enqueue("-c", command, "--max-retries", "1")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "job.pid")), log_text(proc)
+
+    os.killpg(proc.pid, signal.SIGKILL)  # supervisor and worker; the job, in a session of its own, lives on
+    proc.wait(timeout=10)
+    assert wait_until(lambda: status()["jobs"]["processing"] == 0, timeout=6)  # status reaps the lease
+    kill_group(read_pid(tmp_path / "job.pid"))
+
+    (run,) = runs_of(job_id)
+    assert (run["run"], run["attempt"], run["outcome"], run["exit_code"]) == (1, 1, "lost", None), run
+    assert "worker lost" in run["error"] and run["finished_at"] is not None
+    burst()
+    job = show(job_id)
+    assert (job["state"], job["attempts"]) == ("completed", 2)
+    assert [(r["run"], r["attempt"], r["outcome"]) for r in job["runs"]] == [(1, 1, "lost"), (2, 2, "completed")]
+
+
+def test_a_run_undone_by_a_forced_shutdown_is_kept_as_interrupted_and_not_counted(fast, pool, tmp_path):
+    command = '[ -e job.pid ] || { echo $$ > job.pid; exec sleep 30; }; echo "attempt $QUEUECTL_ATTEMPT"'
+    (job_id,) = enqueue("-c", command)
+    proc = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "job.pid")), log_text(proc)
+
+    os.kill(proc.pid, signal.SIGINT)
+    assert wait_until(lambda: "supervisor stopping" in log_text(proc)), log_text(proc)
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=15) == 128 + signal.SIGINT, log_text(proc)
+
+    job = show(job_id)
+    assert (job["state"], job["attempts"]) == ("pending", 0), job
+    (run,) = job["runs"]
+    assert (run["run"], run["attempt"], run["outcome"]) == (1, 1, "interrupted"), run
+    assert run["finished_at"] is not None
+    burst()
+    job = show(job_id)
+    assert (job["state"], job["attempts"], job["stdout"]) == ("completed", 1, "attempt 1\n")
+    assert [(r["run"], r["attempt"], r["outcome"]) for r in job["runs"]] == [(1, 1, "interrupted"),
+                                                                              (2, 1, "completed")]
+
+
+@pytest.mark.parametrize("how", [("retry",), ("dlq", "retry")], ids=["retry", "dlq-retry"])
+def test_a_retry_keeps_the_earlier_runs_and_the_next_run_is_attempt_1_with_the_next_number(fast, tmp_path, how):
+    enqueue("-c", "test -e ok", "--id", "j", "--max-retries", "1")
+    burst()
+    assert show("j")["state"] == "dead"
+    assert cli(*how, "j")[0] == 0
+    assert [(r["run"], r["attempt"], r["outcome"]) for r in runs_of("j")] == [(1, 1, "failed"), (2, 2, "failed")]
+    (tmp_path / "ok").touch()
+    burst()
+    job = show("j")
+    assert (job["state"], job["attempts"]) == ("completed", 1)
+    assert [(r["run"], r["attempt"], r["outcome"]) for r in job["runs"]] == [
+        (1, 1, "failed"), (2, 2, "failed"), (3, 1, "completed")]
+
+
+def test_purge_deletes_the_runs_and_a_new_job_with_the_same_id_starts_at_run_1(fast):
+    enqueue("-c", '[ "$QUEUECTL_ATTEMPT" -ge 2 ] || exit 1', "--id", "j")
+    burst()
+    assert len(runs_of("j")) == 2
+    assert cli("purge")[0] == 0
+    assert sql_rows("SELECT count(*) FROM runs") == [(0,)]
+    enqueue("-c", "echo again", "--id", "j")
+    assert runs_of("j") == []
+    burst()
+    assert [(r["run"], r["attempt"], r["outcome"]) for r in runs_of("j")] == [(1, 1, "completed")]
+    assert cli("logs", "j", "--run", "1") == (0, "again\n", "")
+
+
+def test_logs_run_n_prints_that_runs_output_and_a_missing_run_is_exit_1_and_0_is_exit_2(fast):
+    command = 'echo "out $QUEUECTL_ATTEMPT"; echo "err $QUEUECTL_ATTEMPT" >&2; [ "$QUEUECTL_ATTEMPT" -ge 2 ]'
+    enqueue("-c", command, "--id", "j", "--max-retries", "1")
+    burst()
+    enqueue("-c", "true", "--id", "unstarted", "--delay", "3600")
+    assert cli("logs", "j", "--run", "1") == (0, "out 1\n", "")
+    assert cli("logs", "j", "--run", "2") == (0, "out 2\n", "")
+    assert cli("logs", "j") == (0, "out 2\n", "")  # the latest run
+    assert cli("logs", "j", "--run", "1", "--stderr") == (0, "err 1\n", "")
+    assert cli("logs", "unstarted") == (0, "", "")
+    code, out, err = cli("logs", "j", "--run", "9")
+    assert (code, out) == (1, "")
+    assert error_line(err).startswith("queuectl: error: job 'j' has no run 9")
+    for bad in ("0", "-1"):
+        code, out, err = cli("logs", "j", "--run", bad)
+        assert (code, out) == (2, ""), bad
+        error_line(err)
+
+
+def test_each_run_keeps_the_last_output_limit_bytes_of_its_own_output(fast):
+    config_set("output_limit", "10")
+    enqueue("-c", 'seq 1 1000; echo "end $QUEUECTL_ATTEMPT"; [ "$QUEUECTL_ATTEMPT" -ge 2 ]', "--id", "j",
+            "--max-retries", "1")
+    burst()
+    numbers = "".join(f"{n}\n" for n in range(1, 1001))
+    for run in (1, 2):
+        full = numbers + f"end {run}\n"
+        code, out, err = cli("logs", "j", "--run", run)
+        assert (code, out) == (0, full[-10:])
+        assert f"{len(full) - 10} earlier bytes cut" in err
+        assert runs_of("j")[run - 1]["stdout_bytes"] == len(full)
+
+
+# ---------------------------------------------------------------------------
+# logs -f: output as it happens
+# ---------------------------------------------------------------------------
+
+class Follower:
+    """`logs -f ARGV` as a real process; its stdout read as it comes, without blocking."""
+
+    def __init__(self, *argv):
+        self.proc = subprocess.Popen([sys.executable, SCRIPT, "logs", "-f", *map(str, argv)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.data = b""
+
+    def read(self):
+        """Everything printed so far."""
+        while True:
+            try:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.data += chunk
+        return self.data.decode(errors="replace")
+
+    def shows(self, text, timeout=10):
+        """Whether text appears in the output within timeout."""
+        return wait_until(lambda: text in self.read(), timeout=timeout)
+
+    def wait(self, timeout=20):
+        """(exit code, all of stdout, all of stderr) once it exits."""
+        code = self.proc.wait(timeout)
+        os.set_blocking(self.proc.stdout.fileno(), True)
+        self.data += self.proc.stdout.read()
+        return code, self.data.decode(errors="replace"), self.proc.stderr.read().decode(errors="replace")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@contextmanager
+def following(*argv):
+    """A Follower of `logs -f ARGV`, killed at the end whatever happened."""
+    follower = Follower(*argv)
+    try:
+        yield follower
+    finally:
+        follower.close()
+
+
+def has_opened_the_database(pid, db_target):
+    """Whether process pid has the test's database open: the SQLite file (Linux), or a PostgreSQL session."""
+    if PG_URL and db_target == PG_URL:
+        app = f"queuectl {os.environ['QUEUECTL_PG_SCHEMA']}"
+        return sql_rows("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app "
+                        "AND pid <> pg_backend_pid()", {"app": app})[0][0] > 0
+    if not os.path.isdir(f"/proc/{pid}/fd"):
+        return True
+    target = os.path.realpath(db_target)
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_logs_follow_prints_lines_while_the_job_runs_then_exits_0(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", f"echo one; {gate()}; echo two")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: show(job_id)["state"] == "processing"), log_text(proc)
+    with following(job_id) as follower:
+        assert follower.shows("one\n"), follower.read()
+        assert show(job_id)["state"] == "processing"  # printed while the job runs, not after it
+        assert follower.proc.poll() is None
+        (tmp_path / "go").touch()
+        assert follower.wait() == (0, "one\ntwo\n", "")
+    assert show(job_id)["state"] == "completed"
+
+
+def test_logs_follow_waits_for_a_job_not_yet_started(fast, db):
+    (job_id,) = enqueue("-c", "echo hello")
+    with following(job_id) as follower:
+        assert wait_until(lambda: has_opened_the_database(follower.proc.pid, db)), follower.read()
+        assert follower.proc.poll() is None
+        burst()
+        assert follower.wait() == (0, "hello\n", "")
+
+
+def test_logs_follow_goes_on_through_the_retries_until_the_job_completes(fast, db):
+    (job_id,) = enqueue("-c", 'echo "attempt $QUEUECTL_ATTEMPT"; [ "$QUEUECTL_ATTEMPT" -ge 2 ]', "--max-retries", 1)
+    with following(job_id) as follower:
+        assert wait_until(lambda: has_opened_the_database(follower.proc.pid, db)), follower.read()
+        burst()
+        assert follower.wait() == (0, "attempt 1\nattempt 2\n", "")
+
+
+def test_logs_follow_exits_1_when_the_job_ends_dead(fast, pool, db):
+    (job_id,) = enqueue("-c", 'echo "attempt $QUEUECTL_ATTEMPT"; exit 3', "--max-retries", 1)
+    with following(job_id) as follower:
+        assert wait_until(lambda: has_opened_the_database(follower.proc.pid, db)), follower.read()
+        pool("--count", "1")
+        code, out, err = follower.wait()
+    assert (code, out) == (1, "attempt 1\nattempt 2\n")
+    assert "dead" in error_line(err)  # one line, as `wait` says it
+    assert show(job_id)["state"] == "dead"
+
+
+def test_logs_follow_of_an_ended_job_prints_its_latest_run_and_exits_at_once(fast):
+    enqueue("-c", 'echo "attempt $QUEUECTL_ATTEMPT"; [ "$QUEUECTL_ATTEMPT" -ge 2 ]', "--id", "ok", "--max-retries", 1)
+    enqueue("-c", 'echo "attempt $QUEUECTL_ATTEMPT"; exit 1', "--id", "bad", "--max-retries", 0)
+    burst()
+    result = run("logs", "-f", "ok", timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "attempt 2\n", "")
+    result = run("logs", "--follow", "bad", timeout=10)
+    assert (result.returncode, result.stdout) == (1, "attempt 1\n")
+    assert "dead" in error_line(result.stderr)
+
+
+def test_logs_follow_stderr_follows_stderr(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", f"echo out; echo err1 >&2; {gate()}; echo err2 >&2; echo out2")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: show(job_id)["state"] == "processing"), log_text(proc)
+    with following(job_id, "--stderr") as follower:
+        assert follower.shows("err1\n"), follower.read()
+        assert show(job_id)["state"] == "processing"
+        (tmp_path / "go").touch()
+        assert follower.wait() == (0, "err1\nerr2\n", "")
+
+
+def test_logs_follow_of_an_unknown_job_is_exit_1(db):
+    result = run("logs", "-f", "nope", timeout=10)
+    assert result.returncode == 1 and result.stdout == ""
+    assert error_line(result.stderr) == "queuectl: error: job 'nope' not found"
+
+
+def test_a_follower_far_behind_says_how_many_bytes_it_skipped_and_prints_only_the_kept_tail(fast, pool, tmp_path):
+    config_set("output_limit", "1000")
+    numbers = "".join(f"{n}\n" for n in range(1, 100001))
+    (job_id,) = enqueue("-c", f"seq 1 100000; {gate()}; echo last")
+    proc = pool("--count", "1")
+    # The job wrote all of it and is still running when the follower starts.
+    assert wait_until(lambda: (runs_of(job_id) or [{}])[-1].get("stdout_bytes") == len(numbers)), log_text(proc)
+    assert show(job_id)["state"] == "processing"
+    with following(job_id) as follower:
+        assert follower.shows(" bytes skipped]\n"), follower.read()
+        (tmp_path / "go").touch()
+        code, out, err = follower.wait()
+    assert (code, err) == (0, "")
+    match = re.fullmatch(r"\[queuectl: (\d+) bytes skipped\]\n(.*)", out, re.DOTALL)
+    assert match, out[:200]
+    skipped = int(match[1])
+    assert match[2] == numbers[skipped:] + "last\n"
+    assert len(numbers) - skipped <= 1000  # only the kept tail was printed
+    code, out, _ = cli("logs", job_id)
+    assert code == 0 and out == (numbers + "last\n")[-1000:]  # and the worker kept no more than that
+
+
+# ---------------------------------------------------------------------------
+# Queues: list, pause, limit
+# ---------------------------------------------------------------------------
+
+def queue_list():
+    """`queue list --json` as a list."""
+    code, out, err = cli("queue", "list", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def counts(**nonzero):
+    """{state: count} for every state, zeros included."""
+    return {state: nonzero.get(state, 0) for state in queuectl.STATES}
+
+
+def test_queue_list_shows_queues_with_jobs_and_queues_with_only_settings_with_counts_per_state(db):
+    assert cli("queue", "list") == (0, "no queues\n", "")
+    assert queue_list() == []
+    enqueue("-c", "true", "--queue", "a")
+    enqueue("-c", "true", "--queue", "a")
+    enqueue("-c", "true", "--queue", "a", "--id", "gone")
+    enqueue("-c", "true", "--queue", "b")
+    assert cli("cancel", "gone")[0] == 0
+    assert cli("queue", "pause", "c") == (0, "paused queue c\n", "")
+    assert cli("queue", "limit", "d", "3") == (0, "queue d: at most 3 processing\n", "")
+    rows = queue_list()
+    assert [row["queue"] for row in rows] == ["a", "b", "c", "d"]
+    expected = {"a": (False, 0, counts(pending=2, canceled=1)), "b": (False, 0, counts(pending=1)),
+                "c": (True, 0, counts()), "d": (False, 3, counts())}
+    for row in rows:
+        paused, limit, jobs = expected[row["queue"]]
+        assert (row["paused"], row["limit"], row["jobs"]) == (paused, limit, jobs), row
+        assert {state: row[state] for state in queuectl.STATES} == jobs, row
+    code, out, _ = cli("queue", "list")
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert [word.lower() for word in header.split()[:3]] == ["queue", "paused", "limit"]
+    assert sorted(word.lower() for word in header.split()[3:]) == sorted(queuectl.STATES)
+    assert [line.split()[0] for line in lines] == ["a", "b", "c", "d"]
+    columns = [word.lower() for word in header.split()]
+    row_a = dict(zip(columns, lines[0].split()))
+    assert (row_a["pending"], row_a["canceled"], row_a["completed"]) == ("2", "1", "0")
+
+
+def test_a_paused_queues_jobs_are_not_claimed_while_other_queues_run_and_resume_lets_them_run(fast):
+    enqueue("-c", "true", "--id", "held", "--queue", "p", "--priority", "9")
+    enqueue("-c", "true", "--id", "free")
+    assert cli("queue", "pause", "p") == (0, "paused queue p\n", "")
+    burst()  # returns: a burst worker does not wait for a paused queue's jobs
+    assert (show("held")["state"], show("free")["state"]) == ("pending", "completed")
+    assert show("held")["runs"] == []
+    assert [(row["queue"], row["paused"]) for row in queue_list()] == [("default", False), ("p", True)]
+    assert cli("queue", "resume", "p") == (0, "resumed queue p\n", "")
+    burst()
+    assert show("held")["state"] == "completed"
+
+
+def test_pausing_a_queue_that_has_no_jobs_yet_is_remembered(fast):
+    assert cli("queue", "pause", "later")[0] == 0
+    assert [(row["queue"], row["paused"]) for row in queue_list()] == [("later", True)]
+    enqueue("-c", "true", "--id", "j", "--queue", "later")
+    burst()
+    assert show("j")["state"] == "pending"
+    assert cli("queue", "resume", "later")[0] == 0
+    burst()
+    assert show("j")["state"] == "completed"
+
+
+def test_pausing_a_queue_lets_its_running_job_finish_and_be_recorded(fast, pool, tmp_path):
+    (job_id,) = enqueue("-c", f"{gate()}; echo done", "--queue", "q")
+    (waiting,) = enqueue("-c", "true", "--queue", "q")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: show(job_id)["state"] == "processing"), log_text(proc)
+    assert cli("queue", "pause", "q")[0] == 0
+    (tmp_path / "go").touch()
+    assert wait_until(lambda: show(job_id)["state"] == "completed"), log_text(proc)
+    assert show(job_id)["stdout"] == "done\n"
+    assert [r["outcome"] for r in runs_of(job_id)] == ["completed"]
+    (other,) = enqueue("-c", "true", "--queue", "other")  # the worker goes on, and skips the paused queue
+    assert wait_until(lambda: show(other)["state"] == "completed"), log_text(proc)
+    assert show(waiting)["state"] == "pending"
+
+
+@pytest.mark.parametrize("argv, value", [
+    (("queue", "pause", "bad name"), "bad name"),
+    (("queue", "pause", "fine", "no/slash"), "no/slash"),
+    (("queue", "resume", "fine", "x" * 65), "x" * 65),
+    (("queue", "pause", ""), None),
+    (("queue", "limit", "bad name", "2"), "bad name"),
+    (("queue", "limit", "q", "-1"), "-1"),
+    (("queue", "limit", "q", "abc"), "abc"),
+    (("queue", "limit", "q", "1.5"), "1.5"),
+    (("queue", "limit", "q", "1000001"), "1000001"),
+], ids=["space", "slash-among-good", "too-long", "empty", "limit-bad-name", "negative", "word", "fraction",
+        "too-big"])
+def test_a_bad_queue_name_or_limit_is_exit_2_naming_it_and_changes_nothing(db, argv, value):
+    enqueue("-c", "true", "--queue", "fine")
+    before = queue_list()
+    code, out, err = cli(*argv)
+    assert (code, out) == (2, "")
+    line = error_line(err)
+    assert value is None or value in line, line
+    assert queue_list() == before
+
+
+def stamp(name):
+    """A shell command writing the wall clock in nanoseconds to the file name (in the job's directory)."""
+    return f"date +%s%N > {name}"
+
+
+def stamp_of(path):
+    """The nanoseconds a stamp() wrote."""
+    return int(path.read_text())
+
+
+def start_end_intervals(path):
+    """[(start_ns, end_ns)] from lines 'START END' that jobs appended to path."""
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+
+
+def most_at_once(intervals):
+    """The largest number of intervals that overlap at one instant."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    now = most = 0
+    for _, step in events:  # at a tie, an end (-1) sorts before a start
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_a_queue_limit_is_never_exceeded_yet_lets_that_many_run_at_once(fast, tmp_path):
+    spans = tmp_path / "spans"
+    assert cli("queue", "limit", "q", "2")[0] == 0
+    command = f's=$(date +%s%N); sleep 0.2; echo "$s $(date +%s%N)" >> {shlex.quote(str(spans))}'
+    enqueue_lines(jsonl(*({"command": command, "queue": "q"} for _ in range(12))))
+    burst("--count", "4")
+    intervals = start_end_intervals(spans)
+    assert len(intervals) == 12
+    assert most_at_once(intervals) == 2  # never 3 or 4, and not one at a time either
+    assert {(job["state"], job["attempts"]) for job in all_jobs()} == {("completed", 1)}
+
+
+def test_a_queue_at_its_limit_never_blocks_the_due_jobs_of_other_queues(fast, pool, tmp_path):
+    assert cli("queue", "limit", "a", "1")[0] == 0
+    enqueue("-c", f"{gate()}; {stamp('a1.end')}", "--id", "a1", "--queue", "a", "--priority", "10")
+    enqueue("-c", stamp("a2.start"), "--id", "a2", "--queue", "a", "--priority", "10")
+    enqueue("-c", "true", "--id", "b1", "--queue", "b", "--priority", "-5")
+    proc = pool("--count", "2")
+    assert wait_until(lambda: show("b1")["state"] == "completed"), log_text(proc)
+    assert (show("a1")["state"], show("a2")["state"]) == ("processing", "pending")
+    (tmp_path / "go").touch()
+    assert wait_until(lambda: show("a2")["state"] == "completed"), log_text(proc)
+    assert stamp_of(tmp_path / "a2.start") >= stamp_of(tmp_path / "a1.end")  # a2 waited for a1's place
+
+
+def test_a_lower_limit_never_stops_running_jobs(fast, pool, tmp_path):
+    assert cli("queue", "limit", "q", "2")[0] == 0
+    for job_id in ("r1", "r2"):
+        enqueue("-c", f"{gate()}; {stamp(job_id + '.end')}", "--id", job_id, "--queue", "q")
+    enqueue("-c", stamp("next.start"), "--id", "next", "--queue", "q")
+    proc = pool("--count", "3")
+    assert wait_until(lambda: show("r1")["state"] == show("r2")["state"] == "processing"), log_text(proc)
+    assert cli("queue", "limit", "q", "1") == (0, "queue q: at most 1 processing\n", "")
+    assert [row["limit"] for row in queue_list()] == [1]
+    (tmp_path / "go").touch()
+    assert wait_until(lambda: show("next")["state"] == "completed"), log_text(proc)
+    for job_id in ("r1", "r2"):
+        job = show(job_id)
+        assert (job["state"], job["attempts"]) == ("completed", 1)
+        assert [r["outcome"] for r in job["runs"]] == ["completed"]
+        # Both ran on, over the new limit 1; so next waited until neither ran.
+        assert stamp_of(tmp_path / "next.start") >= stamp_of(tmp_path / f"{job_id}.end")
+    assert cli("queue", "limit", "q", "0") == (0, "queue q: no limit\n", "")
+    assert [row["limit"] for row in queue_list()] == [0]
+
+
+# ---------------------------------------------------------------------------
+# why: what a job waits for
+# ---------------------------------------------------------------------------
+
+def why(job_id):
+    """`why ID --json` as a dict."""
+    code, out, err = cli("why", job_id, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def reasons(job_id):
+    """[(code, text)] of `why ID --json`."""
+    return [(reason["code"], reason["text"]) for reason in why(job_id)["reasons"]]
+
+
+def codes(job_id):
+    """The reason codes of `why ID --json`, in order."""
+    return [code for code, _ in reasons(job_id)]
+
+
+def test_why_json_is_exactly_id_state_and_reasons_and_the_human_form_lists_them(db):
+    enqueue("-c", "true", "--id", "j", "--delay", "3600")
+    doc = why("j")
+    assert set(doc) == {"id", "state", "reasons"}
+    assert (doc["id"], doc["state"]) == ("j", "pending")
+    assert doc["reasons"] and all(set(reason) == {"code", "text"} for reason in doc["reasons"])
+    assert all(isinstance(reason["text"], str) and reason["text"] for reason in doc["reasons"])
+    code, out, err = cli("why", "j")
+    assert (code, err) == (0, "")
+    def steady(text):  # the text may say how long from now: that moves between two calls
+        return re.sub(r"\d+(\.\d+)? s\b", "N s", text)
+    assert [steady(line) for line in out.splitlines()] == \
+        ["j is pending"] + [steady(f"  - {reason['text']}") for reason in doc["reasons"]]
+
+
+def test_why_of_an_unknown_job_is_exit_1(db):
+    code, out, err = cli("why", "nope")
+    assert (code, out) == (1, "")
+    assert error_line(err) == "queuectl: error: job 'nope' not found"
+
+
+def test_why_a_job_scheduled_for_later_is_not_due_and_says_when(db):
+    enqueue("-c", "true", "--id", "j", "--delay", "3600")
+    ((code, text),) = reasons("j")
+    assert code == "not_due"
+    assert show("j")["run_at"][:19] in text
+    assert "retry" not in text
+
+
+def test_why_a_failed_job_waiting_out_its_backoff_is_not_due_for_a_retry(db):
+    config_set("backoff_base", "1000")
+    config_set("poll_interval", "0.05")
+    enqueue("-c", "exit 1", "--id", "f", "--max-retries", "1")
+    workers = start_workers()
+    try:
+        assert wait_until(lambda: show("f")["state"] == "failed")
+    finally:
+        os.killpg(workers.pid, signal.SIGTERM)
+        workers.wait(10)
+    ((code, text),) = reasons("f")
+    assert code == "not_due"
+    assert "retry" in text and show("f")["run_at"][:19] in text
+    assert why("f")["state"] == "failed"
+
+
+def test_why_names_each_dependency_not_completed_and_its_state(fast):
+    enqueue("-c", "true", "--id", "done-dep")
+    burst()
+    enqueue("-c", "true", "--id", "later-1", "--delay", "3600")
+    enqueue("-c", "true", "--id", "later-2", "--delay", "3600")
+    enqueue("-c", "true", "--id", "j", "--after", "done-dep", "later-1", "later-2")
+    found = reasons("j")
+    assert [code for code, _ in found] == ["waiting_on_dependency"] * 2, found
+    texts = sorted(text for _, text in found)
+    assert "later-1" in texts[0] and "pending" in texts[0] and "later-2" not in texts[0]
+    assert "later-2" in texts[1] and "pending" in texts[1]
+    assert not any("done-dep" in text for text in texts)
+
+
+def test_why_a_job_of_a_paused_queue_says_queue_paused(db):
+    assert cli("queue", "pause", "held-q")[0] == 0
+    enqueue("-c", "true", "--id", "j", "--queue", "held-q")
+    ((code, text),) = reasons("j")
+    assert code == "queue_paused" and "held-q" in text
+
+
+def test_why_a_job_of_a_queue_at_its_limit_gives_the_limit_and_how_many_run(fast, pool, tmp_path):
+    assert cli("queue", "limit", "q", "1")[0] == 0
+    enqueue("-c", gate(), "--id", "running", "--queue", "q")
+    proc = pool("--count", "2")
+    assert wait_until(lambda: show("running")["state"] == "processing"), log_text(proc)
+    enqueue("-c", "true", "--id", "j", "--queue", "q")
+    ((code, text),) = reasons("j")
+    assert code == "queue_at_limit"
+    assert "limit" in text and re.search(r"\b1 running", text), text
+    (tmp_path / "go").touch()
+    assert wait_until(lambda: show("j")["state"] == "completed"), log_text(proc)
+
+
+def test_why_a_due_job_no_live_worker_takes_says_no_worker_for_queue(fast, pool):
+    enqueue("-c", "true", "--id", "j")
+    assert codes("j") == ["no_worker_for_queue"]
+    proc = pool("--count", "1", "--queue", "other")  # alive, but for another queue
+    assert wait_until(lambda: pids_of("worker")), log_text(proc)
+    assert codes("j") == ["no_worker_for_queue"]
+
+
+def test_why_a_due_job_whose_workers_are_busy_says_how_many_due_jobs_are_ahead(fast, pool, tmp_path):
+    enqueue("-c", gate(), "--id", "busy")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: show("busy")["state"] == "processing"), log_text(proc)
+    enqueue("-c", "true", "--id", "first", "--priority", "5")
+    enqueue("-c", "true", "--id", "second", "--priority", "5")
+    enqueue("-c", "true", "--id", "j")
+    ((code, text),) = reasons("j")
+    assert code == "waiting_for_worker"
+    assert re.search(r"\b2 due jobs?(\(s\))? ahead", text), text
+    ((code, text),) = reasons("first")
+    assert code == "waiting_for_worker" and re.search(r"\b0 due jobs?(\(s\))? ahead", text), text
+    (tmp_path / "go").touch()
+
+
+def test_why_a_processing_job_is_running_and_names_its_worker_and_host(fast, pool, tmp_path):
+    enqueue("-c", gate(), "--id", "j")
+    proc = pool("--count", "1")
+    assert wait_until(lambda: show("j")["state"] == "processing"), log_text(proc)
+    (worker,) = [p for p in worker_list() if p["current_job"] == "j"]
+    doc = why("j")
+    assert doc["state"] == "processing"
+    ((code, text),) = [(r["code"], r["text"]) for r in doc["reasons"]]
+    assert code == "running"
+    assert worker["id"] in text and worker["host"] in text
+    (tmp_path / "go").touch()
+
+
+def test_why_a_job_in_an_end_state_says_ended_and_why(fast):
+    enqueue("-c", "true", "--id", "ok")
+    enqueue("-c", "exit 3", "--id", "bad", "--max-retries", "0")
+    enqueue("-c", "true", "--id", "child", "--after", "bad")
+    enqueue("-c", "true", "--id", "stopped", "--delay", "3600")
+    assert cli("cancel", "stopped")[0] == 0
+    burst()
+    expected = {"ok": ["completed"], "bad": ["dead", "exit status 3"], "child": ["canceled", "bad"],
+                "stopped": ["canceled", "by the user"]}
+    for job_id, words in expected.items():
+        ((code, text),) = reasons(job_id)
+        assert code == "ended", (job_id, text)
+        assert all(word in text for word in words), (job_id, text)
+
+
+@sqlite_only
+def test_why_answers_while_another_process_holds_the_write_lock(db):
+    enqueue("-c", "true", "--id", "j")
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        result = run("why", "j", "--json", env={**os.environ, "QUEUECTL_BUSY_TIMEOUT": "0.2"})
+        holder.execute("ROLLBACK")
+    assert result.returncode == 0, result.stderr
+    assert [r["code"] for r in json.loads(result.stdout)["reasons"]] == ["no_worker_for_queue"]
