@@ -1879,8 +1879,8 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
         if job is None:
             return None
         token = os.urandom(8).hex()
-        run = dict(seq=job["seq"], run=job["last_run"] + 1, attempt=job["attempts"] + 1, worker_id=worker_id,
-                   host=HOST, now=now)
+        run = {"seq": job["seq"], "run": job["last_run"] + 1, "attempt": job["attempts"] + 1,
+               "worker_id": worker_id, "host": HOST, "now": now}
         conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
                                         "lease_until": now + lease_s, "now": now})
         conn.execute(START_RUN_SQL, run)
@@ -2465,8 +2465,8 @@ def waiting_reasons(conn, job, now):
     if job["run_at"] > now:
         wait = f"{iso(job['run_at'])} (in {seconds_text(job['run_at'] - now)})"
         if job["state"] == "failed":
-            reasons.append(("not_due", f"retry {job['attempts']} of {job['max_retries']} after "
-                                       f"'{job['last_error']}' is due at {wait}"))
+            text = f"retry {job['attempts']} of {job['max_retries']} after '{job['last_error']}' is due at {wait}"
+            reasons.append(("not_due", text))
         else:
             reasons.append(("not_due", f"scheduled: not due until {wait}"))
     for dep in json.loads(job["depends_on"]):
@@ -2478,8 +2478,7 @@ def waiting_reasons(conn, job, now):
         reasons.append(("queue_paused", f"queue '{job['queue']}' is paused (queuectl queue resume {job['queue']})"))
     running = running_in(conn, job["queue"], now) if limit else 0
     if limit and running >= limit:
-        reasons.append(("queue_at_limit", f"queue '{job['queue']}' is at its limit: {running} of {limit} "
-                                          "running"))
+        reasons.append(("queue_at_limit", f"queue '{job['queue']}' is at its limit: {running} of {limit} running"))
     if not reasons:
         reasons.append(worker_reason(conn, job, now))
     return reasons
@@ -2502,8 +2501,8 @@ def worker_reason(conn, job, now):
     workers = [p for p in live_processes(conn, now, tidy=False)
                if p["kind"] == "worker" and (not p["queues"] or job["queue"] in p["queues"])]
     if not workers:
-        return ("no_worker_for_queue", f"due, but no live worker takes jobs of queue '{job['queue']}' "
-                                       f"(queuectl worker start --queue {job['queue']})")
+        text = f"due, but no live worker takes jobs of queue '{job['queue']}' (queuectl worker start --queue ...)"
+        return ("no_worker_for_queue", text)
     ahead = conn.execute(f"""
         SELECT count(*) FROM jobs
         WHERE state IN ('pending', 'failed') AND deps_left = 0 AND run_at <= :now
@@ -2511,8 +2510,8 @@ def worker_reason(conn, job, now):
           AND queue NOT IN ({BLOCKED_QUEUES_SQL})
         """, {"now": now, "priority": job["priority"], "seq": job["seq"]}).fetchone()[0]
     busy = sum(1 for p in workers if p["current_job"])
-    return ("waiting_for_worker", f"due; {busy} of {len(workers)} worker(s) for queue '{job['queue']}' "
-                                  f"are busy, {ahead} due job(s) ahead of it")
+    text = f"due; {busy} of {len(workers)} worker(s) for queue '{job['queue']}' are busy, {ahead} due job(s) ahead of it"
+    return ("waiting_for_worker", text)
 
 
 # ---------------------------------------------------------------------------
