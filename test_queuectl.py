@@ -3852,9 +3852,11 @@ def test_a_queue_limit_is_never_exceeded_yet_lets_that_many_run_at_once(fast, tm
 def test_a_queue_at_its_limit_never_blocks_the_due_jobs_of_other_queues(fast, pool, tmp_path):
     assert cli("queue", "limit", "a", "1")[0] == 0
     enqueue("-c", f"{gate()}; {stamp('a1.end')}", "--id", "a1", "--queue", "a", "--priority", "10")
+    proc = pool("--count", "2")
+    assert wait_until(lambda: show("a1")["state"] == "processing"), log_text(proc)
+    # Queue a is at its limit: its next job, first by priority, must not hold up queue b's.
     enqueue("-c", stamp("a2.start"), "--id", "a2", "--queue", "a", "--priority", "10")
     enqueue("-c", "true", "--id", "b1", "--queue", "b", "--priority", "-5")
-    proc = pool("--count", "2")
     assert wait_until(lambda: show("b1")["state"] == "completed"), log_text(proc)
     assert (show("a1")["state"], show("a2")["state"]) == ("processing", "pending")
     (tmp_path / "go").touch()
@@ -3866,9 +3868,9 @@ def test_a_lower_limit_never_stops_running_jobs(fast, pool, tmp_path):
     assert cli("queue", "limit", "q", "2")[0] == 0
     for job_id in ("r1", "r2"):
         enqueue("-c", f"{gate()}; {stamp(job_id + '.end')}", "--id", job_id, "--queue", "q")
-    enqueue("-c", stamp("next.start"), "--id", "next", "--queue", "q")
     proc = pool("--count", "3")
     assert wait_until(lambda: show("r1")["state"] == show("r2")["state"] == "processing"), log_text(proc)
+    enqueue("-c", stamp("next.start"), "--id", "next", "--queue", "q")  # held by the limit 2
     assert cli("queue", "limit", "q", "1") == (0, "queue q: at most 1 processing\n", "")
     assert [row["limit"] for row in queue_list()] == [1]
     (tmp_path / "go").touch()
