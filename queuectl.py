@@ -163,6 +163,18 @@ def seconds_text(seconds):
     return f"{plain_number(round(seconds, 3))} s"
 
 
+def rough_duration(seconds):
+    """A wait for people, as precise as it needs to be: '0.5 s', '42 s', '17 min', '3 h 5 min', '12 days'."""
+    if seconds < 90:
+        return seconds_text(seconds if seconds < 10 else round(seconds))
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    if seconds < 2 * 86400:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes} min"
+    return f"{round(seconds / 86400)} days"
+
+
 def one_line(text, width=80):
     """Text squeezed onto one line of at most width characters, for logs and tables."""
     flat = " ".join(str(text).split())
@@ -2463,7 +2475,7 @@ def waiting_reasons(conn, job, now):
     """Why a pending or failed job has not run yet: every reason that holds."""
     reasons = []
     if job["run_at"] > now:
-        wait = f"{iso(job['run_at'])} (in {seconds_text(job['run_at'] - now)})"
+        wait = f"{iso(job['run_at'])} (in {rough_duration(job['run_at'] - now)})"
         if job["state"] == "failed":
             text = f"retry {job['attempts']} of {job['max_retries']} after '{job['last_error']}' is due at {wait}"
             reasons.append(("not_due", text))

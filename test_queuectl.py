@@ -59,13 +59,47 @@ def db(tmp_path, monkeypatch):
         monkeypatch.setenv("QUEUECTL_PG_SCHEMA", schema)
         monkeypatch.setenv("QUEUECTL_DB", PG_URL)
         yield PG_URL
+        disagreeing = pg_jobs_whose_runs_disagree(schema)
         drop_pg_schema(schema)
+        assert disagreeing == []
         return
     path = str(tmp_path / "q.db")
     monkeypatch.setenv("QUEUECTL_DB", path)
     yield path
     kept, counted = counts_kept_and_counted(path)
     assert kept == counted
+    assert jobs_whose_runs_disagree(path) == []
+
+
+# A job and its runs never disagree: its last_run numbers its latest run, and
+# it is processing exactly when that run is still running.
+DISAGREEING_RUNS_SQL = """
+SELECT jobs.id, jobs.state, jobs.last_run, max(runs.run)
+FROM jobs LEFT JOIN runs ON runs.job_seq = jobs.seq
+GROUP BY jobs.seq
+HAVING jobs.last_run <> coalesce(max(runs.run), 0)
+    OR CASE WHEN jobs.state = 'processing' THEN 1 ELSE 0 END
+       <> sum(CASE WHEN runs.outcome = 'running' THEN 1 ELSE 0 END)
+"""
+
+
+def jobs_whose_runs_disagree(path):
+    """The jobs whose runs say otherwise than the job (see DISAGREEING_RUNS_SQL); [] without a sound database."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return conn.execute(DISAGREEING_RUNS_SQL).fetchall()
+    except sqlite3.Error:  # no file, a broken one on purpose, or an older schema
+        return []
+
+
+def pg_jobs_whose_runs_disagree(schema):
+    """DISAGREEING_RUNS_SQL in a test's PostgreSQL schema; [] if it has no tables (yet)."""
+    import psycopg
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
+            return []
+        conn.execute(f'SET search_path TO "{schema}"')
+        return conn.execute(DISAGREEING_RUNS_SQL).fetchall()
 
 
 def drop_pg_schema(schema):
@@ -2637,6 +2671,7 @@ def costs_of_claim_and_reads(conn):
         "burst check": vm_steps(conn, supervisor.queue_is_empty),
         "claim": vm_steps(conn, lambda: queuectl.claim(conn, "w", conn.claim_query([]), 30)),
     }
+    conn.execute("DELETE FROM runs WHERE job_seq IN (SELECT seq FROM jobs WHERE queue = 'rare')")
     conn.execute("DELETE FROM jobs WHERE queue = 'rare'")
     return costs
 
@@ -2887,7 +2922,9 @@ def test_a_supervisor_stops_gracefully_on_sighup(fast):
 def test_readers_do_not_wait_out_a_lock_to_reap_leases(db, monkeypatch):
     enqueue("-c", "true", "--id", "x")
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as holder:
-        holder.execute("UPDATE jobs SET state = 'processing', lease_until = 1, lease_token = 't'")
+        holder.execute("UPDATE jobs SET state = 'processing', lease_until = 1, lease_token = 't', last_run = 1")
+        holder.execute("INSERT INTO runs (job_seq, run, attempt, started_at, outcome) SELECT seq, 1, 1, 0, 'running' "
+                       "FROM jobs")
         holder.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         result = run("status", "--json", env={**os.environ, "QUEUECTL_BUSY_TIMEOUT": "5"})
@@ -3526,9 +3563,9 @@ def test_logs_run_n_prints_that_runs_output_and_a_missing_run_is_exit_1_and_0_is
     code, out, err = cli("logs", "j", "--run", "9")
     assert (code, out) == (1, "")
     assert error_line(err).startswith("queuectl: error: job 'j' has no run 9")
-    for bad in ("0", "-1"):
-        code, out, err = cli("logs", "j", "--run", bad)
-        assert (code, out) == (2, ""), bad
+    for argv in (("--run", "0"), ("--run", "-1"), ("--follow", "--run", "1")):
+        code, out, err = cli("logs", "j", *argv)
+        assert (code, out) == (2, ""), argv
         error_line(err)
 
 
@@ -3583,6 +3620,7 @@ class Follower:
         return code, self.data.decode(errors="replace"), self.proc.stderr.read().decode(errors="replace")
 
     def close(self):
+        """Kill it if it still runs; close its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
@@ -4041,7 +4079,10 @@ def test_why_answers_while_another_process_holds_the_write_lock(db):
     enqueue("-c", "true", "--id", "j")
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as holder:
         holder.execute("BEGIN IMMEDIATE")
-        result = run("why", "j", "--json", env={**os.environ, "QUEUECTL_BUSY_TIMEOUT": "0.2"})
+        env = {**os.environ, "QUEUECTL_BUSY_TIMEOUT": "0.2"}
+        result = run("why", "j", "--json", env=env)
+        writer = run("cancel", "j", env=env)  # the lock is real: a writer gives up
         holder.execute("ROLLBACK")
+    assert writer.returncode == 1 and "locked" in error_line(writer.stderr), writer.stderr
     assert result.returncode == 0, result.stderr
     assert [r["code"] for r in json.loads(result.stdout)["reasons"]] == ["no_worker_for_queue"]
