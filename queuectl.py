@@ -787,7 +787,7 @@ def claim_statements(ready, by_run_at, skip_locked):
       {{queue_filter}}
     ORDER BY priority DESC, seq
     LIMIT 1
-    {skip_locked}
+    {{locking}}
     """
     oldest_run_at = f"""
     SELECT min(run_at)
@@ -824,6 +824,7 @@ class Engine:
     """What both engines share; each defines the rest of the seam (see above)."""
 
     LOCK_FOR_UPDATE = ""  # ends a read of rows the transaction goes on to change
+    SKIP_LOCKED = ""  # ends the claim's read: rows another claimer holds are passed over
     location = None  # where the queue is, for people (`init`)
     CALLS_CAN_HANG = False  # whether a statement can block past the fence (a network that went silent)
 
@@ -833,15 +834,23 @@ class Engine:
     def hold_dependents(self, job_id):
         """Wait for transactions holding job_id as a dependency (SQLite's write lock does it)."""
 
-    def claim_query(self, queues, full=()):
-        """The claim's SELECT for queues (all when empty) but never those full, with its parameters."""
+    def claim_query(self, queues, full=(), only=None):
+        """The claim's SELECT for queues (all when empty) but not those full, with its parameters.
+
+        only: the SELECT of one limited queue, whose row the caller holds: it
+        waits for a job another claimer is looking at instead of skipping it.
+        """
         names = {f"q{i}": queue for i, queue in enumerate(queues)}
         queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
         skipped = {f"full{i}": queue for i, queue in enumerate(full)}
         if skipped:
             queue_filter += f" AND queue NOT IN ({', '.join(':' + n for n in skipped)})"
-        return ClaimQuery(self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter), {**names, **skipped},
-                          tuple(queues), tuple(full))
+        if only is not None:
+            queue_filter += " AND queue = :only"
+            skipped["only"] = only
+        sql = self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter,
+                                           locking=self.SKIP_LOCKED if only is None else self.LOCK_FOR_UPDATE)
+        return ClaimQuery(sql, {**names, **skipped}, tuple(queues), tuple(full))
 
     @contextmanager
     def waiting_at_most(self, seconds):
@@ -1300,6 +1309,7 @@ class PostgresEngine(Engine):
 
     MIGRATIONS = PG_MIGRATIONS
     LOCK_FOR_UPDATE = "FOR UPDATE"
+    SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
     CALLS_CAN_HANG = True
 
     # The claim's statements (see claim_statements): claimers skip the rows others hold.
@@ -1880,39 +1890,57 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
 
     First the jobs that became due are marked so (promote_due_jobs). Then one
     transaction selects the best due job through the jobs_ready index and
-    marks it processing, guarded by its state. The job gets a new lease token;
-    only that token can record its result.
+    marks it processing, guarded by its state, and starts its run. The job
+    gets a new lease token; only that token can record its result. A job of
+    a limited queue is taken in a transaction of its own, under the queue's
+    lock (best_job_of_limited_queue); a queue found full is passed over for
+    the next best job, never waited on.
     """
     claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
     now = conn.now() if now is None else now
     promote_due_jobs(conn, now)
-    with conn.transaction():
-        job = take_best_job(conn, claim_query, now)
-        if job is None:
-            return None
-        token = os.urandom(8).hex()
-        run = {"seq": job["seq"], "run": job["last_run"] + 1, "attempt": job["attempts"] + 1,
-               "worker_id": worker_id, "host": HOST, "now": now}
-        conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
-                                        "lease_until": now + lease_s, "now": now})
-        conn.execute(START_RUN_SQL, run)
+    while True:
+        with conn.transaction():
+            job = conn.execute(claim_query.sql, {**claim_query.params, "now": now}).fetchone()
+            if job is None:
+                return None
+            if not job["queue_limit"]:
+                return take_job(conn, job, worker_id, lease_s, now, claimed_at)
+        # Its queue has a limit. This transaction is over, and the job let
+        # go: the queue's lock decides who takes its next job.
+        queue = job["queue"]
+        with conn.transaction():
+            job = best_job_of_limited_queue(conn, claim_query, queue, now)
+            if job is not None:
+                return take_job(conn, job, worker_id, lease_s, now, claimed_at)
+        claim_query = conn.claim_query(claim_query.queues, claim_query.full + (queue,))  # full: the next best
+
+
+def take_job(conn, job, worker_id, lease_s, now, claimed_at):
+    """Mark a selected job processing under a new lease token and start its run; the claimed job."""
+    token = os.urandom(8).hex()
+    run = {"seq": job["seq"], "run": job["last_run"] + 1, "attempt": job["attempts"] + 1,
+           "worker_id": worker_id, "host": HOST, "now": now}
+    conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
+                                    "lease_until": now + lease_s, "now": now})
+    conn.execute(START_RUN_SQL, run)
     return dict(job, attempts=run["attempt"], last_run=run["run"], lease_token=token, claimed_at=claimed_at)
 
 
-def take_best_job(conn, claim_query, now):
-    """The best due job of a queue with room, inside the claim's transaction; None if none.
+def best_job_of_limited_queue(conn, claim_query, queue, now):
+    """The best due job of a limited queue if it has room, holding the queue's row to our commit.
 
-    The SELECT already skips full queues (BLOCKED_QUEUES_SQL), but on
-    PostgreSQL two claimers may both see the last free place of a limited
-    queue: so the queue's row is locked and its processing jobs counted
-    again, and a queue found full is skipped for the next best job. (SQLite's
-    write lock makes the second count redundant, and cheap.)
+    The claim's SELECT already passes over full queues (BLOCKED_QUEUES_SQL),
+    but two claimers on PostgreSQL may both see its last free place. So the
+    queue's row is locked first, then its runs going are counted again, then
+    its best job is read, waiting for (not skipping) one another claimer is
+    looking at: claimers of a limited queue take its jobs one after the
+    other, by priority and age. (On SQLite the write lock did all of it.)
     """
-    while True:
-        job = conn.execute(claim_query.sql, {**claim_query.params, "now": now}).fetchone()
-        if job is None or not job["queue_limit"] or queue_has_room(conn, job["queue"], now):
-            return job
-        claim_query = conn.claim_query(claim_query.queues, claim_query.full + (job["queue"],))
+    if not queue_has_room(conn, queue, now):
+        return None
+    only = conn.claim_query(claim_query.queues, claim_query.full, only=queue)
+    return conn.execute(only.sql, {**only.params, "now": now}).fetchone()
 
 
 def queue_has_room(conn, queue, now):

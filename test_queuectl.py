@@ -3923,6 +3923,34 @@ def test_a_lower_limit_never_stops_running_jobs(fast, pool, tmp_path):
     assert [row["limit"] for row in queue_list()] == [0]
 
 
+@needs_pg
+def test_claimers_of_a_limited_queue_take_its_jobs_by_age_even_while_another_looks_at_one(db):
+    # A claimer on PostgreSQL passes over rows other claimers hold (SKIP
+    # LOCKED). For a limited queue that once let a younger job take the last
+    # place while a claimer looked at the older one: here a connection holds
+    # the older job's row, as such a claimer does, while we claim.
+    import threading
+
+    import psycopg
+    cli("queue", "limit", "q", "1")
+    for job_id in ("older", "younger"):
+        enqueue("-c", "true", "--id", job_id, "--queue", "q")
+    holder = psycopg.connect(PG_URL)
+    holder.execute(f'SET search_path TO "{os.environ["QUEUECTL_PG_SCHEMA"]}"')
+    holder.execute("SELECT 1 FROM jobs WHERE id = 'older' FOR UPDATE")
+    release = threading.Timer(0.5, holder.rollback)
+    release.start()
+    conn = queuectl.connect(db)
+    try:
+        job = queuectl.claim(conn, "w", conn.claim_query([]), 30)
+        assert job["id"] == "older"
+        assert queuectl.claim(conn, "w", conn.claim_query([]), 30) is None  # the queue is full now
+    finally:
+        release.join()
+        holder.close()
+        conn.close()
+
+
 # ---------------------------------------------------------------------------
 # why: what a job waits for
 # ---------------------------------------------------------------------------
