@@ -40,7 +40,7 @@ test: $(STAMP)  ## the whole suite (about a minute on 2 cores, two with PostgreS
 	fi
 
 lint: $(STAMP)  ## ruff, and vermin to keep the product runnable on Python 3.10
-	$(VPY) -m ruff check --isolated queuectl.py test_queuectl.py
+	$(VPY) -m ruff check --isolated --target-version py310 queuectl.py test_queuectl.py
 	$(VENV)/bin/vermin -t=3.10- --violations --no-tips queuectl.py
 
 venv: $(STAMP)  ## only set up the tools

@@ -41,6 +41,7 @@ Exit codes: 0 done, 1 could not be done, 2 bad input, 124 `wait` timed out.
 
 import argparse
 import collections
+import datetime
 import functools
 import json
 import math
@@ -546,12 +547,33 @@ SCHEMA_V4 = [
     "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
 ]
 
+# Version 5: recurring schedules (see "Schedules" below). handled_until is
+# the watermark: every tick up to it was fired or skipped.
+SCHEMA_V5 = [
+    """
+    CREATE TABLE schedules (
+        name           TEXT PRIMARY KEY,
+        cron           TEXT NOT NULL,
+        tz             TEXT NOT NULL,
+        job            TEXT NOT NULL,     -- the template: a job object without id, run_at, delay, depends_on
+        paused         INTEGER NOT NULL DEFAULT 0,
+        catch_up       TEXT NOT NULL,     -- latest, all or none
+        no_overlap     INTEGER NOT NULL,
+        created_at     REAL NOT NULL,
+        anchor         REAL NOT NULL,     -- @every counts from here (the whole second after created_at)
+        handled_until  REAL NOT NULL,
+        last_tick_at   REAL,
+        last_job_id    TEXT
+    ) WITHOUT ROWID
+    """,
+]
+
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 4
-SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
-OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues"}
+SCHEMA_VERSION = 5
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5}
+OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules"}
 
 
 # ---------------------------------------------------------------------------
@@ -1226,7 +1248,27 @@ PG_SCHEMA_V4 = [
     "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
 ]
 
-PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4}  # PostgreSQL came with version 3: its first step is the whole schema
+# Version 5: schedules, as SCHEMA_V5.
+PG_SCHEMA_V5 = [
+    """
+    CREATE TABLE schedules (
+        name           text PRIMARY KEY,
+        cron           text NOT NULL,
+        tz             text NOT NULL,
+        job            text NOT NULL,
+        paused         integer NOT NULL DEFAULT 0,
+        catch_up       text NOT NULL,
+        no_overlap     integer NOT NULL,
+        created_at     double precision NOT NULL,
+        anchor         double precision NOT NULL,
+        handled_until  double precision NOT NULL,
+        last_tick_at   double precision,
+        last_job_id    text
+    )
+    """,
+]
+
+PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5}  # PostgreSQL came with version 3: its first step is the whole schema
 CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
@@ -1736,14 +1778,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
     line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
     try:
         with conn.transaction():
-            rows = drop_duplicates(conn, rows, if_absent, line_of)
-            link_dependencies(conn, rows, line_of)
-            conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
-                                              if row["depends_on"] else dict(row, depends_on="[]")
-                                              for row in rows])
-            conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
-                             [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
-            count_new_jobs(conn, rows)  # in the same transaction: jobs and counts, or neither
+            rows = insert_job_rows(conn, rows, if_absent, line_of)
     except StorageError as e:
         if e.kind != "duplicate":
             raise
@@ -1754,6 +1789,19 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
         raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
                          "(--if-absent skips existing ids)") from None
     return [row["id"] for row in rows]
+
+
+def insert_job_rows(conn, rows, if_absent=False, line_of=lambda row: ""):
+    """enqueue_rows' writes, inside a transaction the caller holds; the rows inserted."""
+    rows = drop_duplicates(conn, rows, if_absent, line_of)
+    link_dependencies(conn, rows, line_of)
+    conn.executemany(INSERT_JOB_SQL, [dict(row, depends_on=json.dumps(row["depends_on"]))
+                                      if row["depends_on"] else dict(row, depends_on="[]")
+                                      for row in rows])
+    conn.executemany("INSERT INTO deps (depends_on, job_id) VALUES (?, ?)",
+                     [(dep, row["id"]) for row in rows for dep in row["depends_on"]])
+    count_new_jobs(conn, rows)  # in the same transaction: jobs and counts, or neither
+    return rows
 
 
 def count_new_jobs(conn, rows):
@@ -2555,6 +2603,433 @@ def worker_reason(conn, job, now):
 
 
 # ---------------------------------------------------------------------------
+# Schedules: cron expressions and their ticks
+# ---------------------------------------------------------------------------
+#
+# A schedule's ticks are computed, never stored: Cron reads the five fields
+# (or an @alias, or @every), and next_tick(after) gives the first tick
+# strictly after an instant, in the schedule's zone, by the contract's
+# daylight-saving rules (see wall_time_instants).
+
+CRON_FIELDS = (  # name, lowest, highest, names for the values (counted from lowest)
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+MAX_SHIFT_S = 4 * 3600  # more than any zone's offset ever changed at once: wall times this far apart keep order
+CRON_HORIZON_DAYS = 366 * 28  # the calendar (dates and weekdays) repeats within 28 years in this range
+
+
+class Cron:
+    """A parsed CRON: the sets of minutes, hours, days, months and weekdays it matches, or an @every interval."""
+
+    def __init__(self, text):
+        self.text = text
+        self.every_s = None
+        words = text.split()
+        if words and words[0].lower() == "@every":
+            if len(words) != 2:
+                raise UsageError(f"@every takes one duration (30s, 15m, 2h, 1d or seconds), got {text!r}")
+            self.every_s = parse_every(words[1])
+            return
+        if len(words) == 1 and words[0].lower() in CRON_ALIASES:
+            words = CRON_ALIASES[words[0].lower()].split()
+        elif len(words) == 1 and words[0].startswith("@"):
+            raise UsageError(f"unknown schedule alias {words[0]!r} (known: {', '.join(CRON_ALIASES)}, @every)")
+        if len(words) != 5:
+            raise UsageError(f"a cron expression has 5 fields (minute hour day-of-month month day-of-week), "
+                             f"got {len(words)} in {text!r}")
+        sets = [parse_cron_field(word, *rule) for word, rule in zip(words, CRON_FIELDS)]
+        minutes, hours, self.days, self.months, weekdays = sets
+        self.minutes, self.hours = sorted(minutes), sorted(hours)
+        self.weekdays = {day % 7 for day in weekdays}  # 7 is Sunday too
+        self.hour_is_any = words[1] == "*"
+        # Classic cron: with both day fields restricted, a day matches either.
+        self.day_is_any, self.weekday_is_any = words[2].startswith("*"), words[4].startswith("*")
+        if self.next_date(datetime.date(2000, 1, 1)) is None:
+            raise UsageError(f"{text!r} matches no date (day-of-month and month never meet)")
+
+    def matches_date(self, date):
+        """Whether the day fields and the month match this date."""
+        if date.month not in self.months:
+            return False
+        day_ok, weekday_ok = date.day in self.days, (date.isoweekday() % 7) in self.weekdays
+        if self.day_is_any or self.weekday_is_any:
+            return day_ok and weekday_ok
+        return day_ok or weekday_ok
+
+    def next_date(self, date):
+        """The first matching date on or after date, or None within CRON_HORIZON_DAYS."""
+        for _ in range(CRON_HORIZON_DAYS):
+            if self.matches_date(date):
+                return date
+            if date.month not in self.months:  # skip the rest of a month that cannot match
+                date = (date.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
+            else:
+                date += datetime.timedelta(days=1)
+        return None
+
+    def wall_times(self, start):
+        """Matching naive wall-clock times from start (inclusive, to the minute), in order, forever."""
+        start = start.replace(second=0, microsecond=0) + (datetime.timedelta(minutes=1)
+                                                           if start.second or start.microsecond else datetime.timedelta())
+        date, first_day = start.date(), True
+        while True:
+            date = self.next_date(date)
+            if date is None:
+                return
+            if date != start.date():
+                first_day = False
+            for hour in self.hours:
+                if first_day and hour < start.hour:
+                    continue
+                for minute in self.minutes:
+                    if first_day and hour == start.hour and minute < start.minute:
+                        continue
+                    yield datetime.datetime.combine(date, datetime.time(hour, minute))
+            date += datetime.timedelta(days=1)
+            first_day = False
+
+    def next_tick(self, after, zone, anchor=None):
+        """The first tick strictly after the instant `after` (epoch s) in zone; anchor counts @every.
+
+        Wall times are walked in order from the wall time of `after`. Near a
+        change of the zone's offset (within MAX_SHIFT_S), wall-time order and
+        instant order part: there the walk starts MAX_SHIFT_S earlier and goes
+        on MAX_SHIFT_S past its best, so no earlier instant is missed.
+        """
+        if self.every_s is not None:
+            return anchor + max(math.floor((after - anchor) / self.every_s) + 1, 1) * self.every_s
+        start = datetime.datetime.fromtimestamp(after, zone).replace(tzinfo=None)
+        if offset_changes_near(after, zone):
+            start -= datetime.timedelta(seconds=MAX_SHIFT_S)
+        best = best_wall = None
+        for wall in self.wall_times(start):
+            if best is not None and wall > best_wall + datetime.timedelta(seconds=MAX_SHIFT_S):
+                break
+            for instant in wall_time_instants(wall, zone, both_folds=self.hour_is_any):
+                if instant > after and (best is None or instant < best):
+                    best, best_wall = instant, wall
+            if best is not None and not offset_changes_near(best, zone):
+                break
+        return best
+
+
+def offset_changes_near(instant, zone):
+    """Whether zone's UTC offset changes within MAX_SHIFT_S of instant (zones change it months apart)."""
+    before, after = (datetime.datetime.fromtimestamp(instant + d, zone).utcoffset() for d in (-MAX_SHIFT_S, MAX_SHIFT_S))
+    return before != after
+
+
+def parse_cron_field(word, name, low, high, names):
+    """One cron field as the set of values it matches: *, n, a-b, */n, a-b/n, lists, names."""
+    values = set()
+    for part in word.lower().split(","):
+        match = re.fullmatch(r"(\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/([0-9]+))?", part)
+        if not match:
+            raise UsageError(f"bad {name} field {word!r}")
+        span, step = match.group(1), int(match.group(2)) if match.group(2) else 1
+        if span == "*":
+            first, last = low, (6 if name == "day-of-week" else high)
+        else:
+            ends = [cron_value(end, name, low, high, names, word) for end in span.split("-")]
+            first, last = ends[0], ends[-1]
+            if match.group(2) and len(ends) == 1:
+                last = high
+        if step < 1 or first > last:
+            raise UsageError(f"bad {name} field {word!r}: an empty range or a zero step")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+def cron_value(text, name, low, high, names, word):
+    """A number or a name of one cron field, checked against its range."""
+    if text in names:
+        return names.index(text) + (low if name == "month" else 0)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise UsageError(f"bad {name} field {word!r}: {text!r} is not {low}-{high}"
+                         + (f" or {names[0]}-{names[-1]}" if names else ""))
+    return int(text)
+
+
+def parse_every(text):
+    """@every's interval: 30s, 15m, 2h, 1d, or a number of seconds >= 1."""
+    try:
+        seconds = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text) else parse_duration(text)
+    except UsageError:
+        seconds = None
+    if seconds is None or not 1 <= seconds <= 10 * 366 * 86400:
+        raise UsageError(f"@every takes a duration of at least 1 s (30s, 15m, 2h, 1d or seconds), got {text!r}")
+    return seconds
+
+
+def wall_time_instants(wall, zone, both_folds):
+    """The instants (epoch s) at which a matching wall-clock time fires in zone.
+
+    A time that happens once fires then. One skipped by a spring-forward gap
+    fires at the first instant after the gap. One that happens twice (the
+    hour repeated in autumn) fires at its first occurrence, or at both when
+    both_folds (the hour field is *).
+    """
+    first = wall.replace(tzinfo=zone, fold=0).timestamp()
+    second = wall.replace(tzinfo=zone, fold=1).timestamp()
+    if first == second:
+        return (first,)
+    if first < second:  # repeated
+        return (first, second) if both_folds else (first,)
+    return (gap_end(second, first, zone),)  # skipped: fold=1 reads it with the offset after the gap
+
+
+def gap_end(low, high, zone):
+    """The instant a spring-forward gap ends: the second at which zone's offset changes, in (low, high]."""
+    offset_after = datetime.datetime.fromtimestamp(high, zone).utcoffset()
+    low, high = math.floor(low), math.ceil(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.datetime.fromtimestamp(middle, zone).utcoffset() == offset_after:
+            high = middle
+        else:
+            low = middle
+    return float(high)
+
+
+# ---------------------------------------------------------------------------
+# Schedules: recurring jobs, fired exactly once per tick
+# ---------------------------------------------------------------------------
+#
+# A schedule is a row: its CRON, zone, job template and a watermark,
+# handled_until: every tick up to it was fired or skipped. Every supervisor
+# (not --burst) looks every tick for schedules whose next tick after the
+# watermark has come, and fires them in one transaction that locks the
+# schedule's row, makes the jobs and moves the watermark. Each job's id is
+# NAME@<tick in UTC>, so even two firings that both saw the old watermark
+# make one job per tick; the watermark, not the jobs, says what was fired, so
+# purging a schedule's jobs never fires a tick again.
+
+SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CATCH_UP_POLICIES = ("latest", "all", "none")
+MAX_CATCH_UP = 1000  # catch-up all: at most this many missed ticks, the latest ones
+TEMPLATE_REFUSED = ("id", "run_at", "delay", "depends_on")  # each job gets its own
+
+
+def resolve_zone(name):
+    """The tzinfo of an IANA zone name; UTC needs no zone data."""
+    if name.upper() == "UTC":
+        return datetime.timezone.utc
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        if not zoneinfo.available_timezones():
+            raise UsageError(f"time zone '{name}' needs zone data, and this machine has none (no "
+                             "/usr/share/zoneinfo, no tzdata package: python3 -m pip install tzdata); "
+                             "only UTC works") from None
+        raise UsageError(f"unknown time zone '{name}' (an IANA name such as Europe/Berlin, or UTC)") from None
+
+
+def local_zone_name():
+    """This machine's zone by name: $TZ, else where /etc/localtime points, else UTC."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        candidates.append(os.readlink("/etc/localtime").partition("zoneinfo/")[2])
+    except OSError:
+        pass
+    for name in candidates:
+        if name:
+            try:
+                resolve_zone(name)
+                return "UTC" if name.upper() == "UTC" else name
+            except UsageError:
+                continue
+    return "UTC"
+
+
+def tick_id(name, tick):
+    """The id of the job a tick makes: NAME@YYYYMMDDTHHMMSSZ."""
+    return f"{name}@{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(tick))}"
+
+
+def check_schedule_name(name):
+    """A schedule name: 1-64 of A-Z a-z 0-9 . _ -."""
+    if not SCHEDULE_NAME_RE.fullmatch(name):
+        raise UsageError(f"a schedule name must be 1-64 characters of A-Z a-z 0-9 . _ -, got {json.dumps(name)}")
+    return name
+
+
+def check_template(spec, config, now):
+    """A schedule's job template: a job object (section 2) without the fields each job gets itself."""
+    if isinstance(spec, dict):
+        refused = [field for field in TEMPLATE_REFUSED if field in spec]
+        if refused:
+            raise UsageError(f"a schedule's job takes no '{refused[0]}': each job gets its own")
+    job_row(spec, config, now)  # every other rule of a job
+    return spec
+
+
+class Schedule:
+    """A schedules row with its parsed CRON and zone."""
+
+    def __init__(self, row):
+        self.row = row
+        self.name = row["name"]
+        self.cron = Cron(row["cron"])
+        self.zone = resolve_zone(row["tz"])
+
+    def next_tick(self, after):
+        return self.cron.next_tick(after, self.zone, self.row["anchor"])
+
+    def ticks_between(self, low, high, limit):
+        """Up to `limit` ticks in (low, high], oldest first."""
+        ticks, tick = [], self.next_tick(low)
+        while tick is not None and tick <= high and len(ticks) < limit:
+            ticks.append(tick)
+            tick = self.next_tick(tick)
+        return ticks
+
+    def last_ticks(self, low, high, count):
+        """The last `count` ticks in (low, high), oldest first, looking back from high in growing windows."""
+        window = 3600.0
+        while True:
+            start = max(low, high - window)
+            ticks = [tick for tick in self.ticks_between(start, high, math.inf) if tick < high]
+            if len(ticks) >= count or start == low:
+                return ticks[-count:] if count else []
+            window *= 8
+
+
+def add_schedule(conn, name, cron, tz, template, catch_up, no_overlap, now=None):
+    """Add a schedule; its first tick comes strictly after now. A name that exists is an error."""
+    now = conn.now() if now is None else now
+    try:
+        with conn.transaction():
+            conn.execute("""
+                INSERT INTO schedules (name, cron, tz, job, paused, catch_up, no_overlap, created_at, anchor,
+                                       handled_until)
+                VALUES (:name, :cron, :tz, :job, 0, :catch_up, :no_overlap, :now, :anchor, :now)
+                """, {"name": name, "cron": cron, "tz": tz, "job": json.dumps(template), "catch_up": catch_up,
+                      "no_overlap": int(no_overlap), "now": now, "anchor": float(math.ceil(now))})
+    except StorageError as e:
+        if e.kind != "duplicate":
+            raise
+        raise QueueError(f"schedule '{name}' already exists") from None
+
+
+def get_schedules(conn, names=None, lock=""):
+    """Schedule rows by name (all when names is None); an unknown name is an error."""
+    if names is None:
+        return conn.execute("SELECT * FROM schedules ORDER BY name").fetchall()
+    rows = []
+    for name in dict.fromkeys(names):
+        row = conn.execute(f"SELECT * FROM schedules WHERE name = ? {lock}", (name,)).fetchone() \
+            if SCHEDULE_NAME_RE.fullmatch(name) else None
+        if row is None:
+            raise QueueError(f"schedule '{name}' not found")
+        rows.append(row)
+    return rows
+
+
+def change_schedules(conn, names, sql, now=None):
+    """One UPDATE or DELETE (with :name, :now) for each named schedule, all or none."""
+    now = conn.now() if now is None else now
+    with conn.transaction():
+        for row in get_schedules(conn, names, conn.LOCK_FOR_UPDATE):
+            conn.execute(sql, {"name": row["name"], "now": now})
+
+
+def schedule_json(row, now):
+    """A schedules row as the contract's JSON object; next_tick_at is null while paused."""
+    next_tick = None
+    if not row["paused"]:
+        try:
+            next_tick = Schedule(row).next_tick(max(row["handled_until"], now))
+        except UsageError:  # zone data gone since it was added
+            next_tick = None
+    return {
+        "name": row["name"], "cron": row["cron"], "tz": row["tz"], "job": json.loads(row["job"]),
+        "paused": bool(row["paused"]), "catch_up": row["catch_up"], "no_overlap": bool(row["no_overlap"]),
+        "created_at": iso(row["created_at"]), "last_tick_at": iso(row["last_tick_at"]),
+        "last_job_id": row["last_job_id"], "next_tick_at": iso(next_tick),
+    }
+
+
+def schedule_job_row(row, job_id, tick, config, now):
+    """The job row a tick (or `schedule run`) makes from the template."""
+    spec = json.loads(row["job"])
+    spec["id"] = job_id
+    spec["env"] = {**spec.get("env", {}), "QUEUECTL_SCHEDULE": row["name"], "QUEUECTL_SCHEDULED_AT": iso(tick)}
+    return job_row(spec, config, now)
+
+
+def run_schedule_now(conn, name, now=None):
+    """`schedule run`: one job now from the template; its id."""
+    now = conn.now() if now is None else now
+    config = load_config(conn)
+    with conn.transaction():
+        row = get_schedules(conn, [name], conn.LOCK_FOR_UPDATE)[0]
+        job_id = f"{row['name']}@run.{new_job_id()}"
+        insert_job_rows(conn, [schedule_job_row(row, job_id, now, config, now)])
+        conn.execute("UPDATE schedules SET last_job_id = ? WHERE name = ?", (job_id, row["name"]))
+    return job_id
+
+
+def fire_due_schedules(conn, running_since, now=None):
+    """Fire every schedule whose next tick has come; the ids of the jobs made.
+
+    running_since: when this supervisor started. Ticks before it were missed
+    (no supervisor ran then, or one would have fired them) and follow the
+    schedule's catch-up policy; later ones all fire. Cheap when nothing is
+    due: one read of the schedules, no lock.
+    """
+    now = conn.now() if now is None else now
+    made = []
+    for row in conn.execute("SELECT * FROM schedules WHERE paused = 0").fetchall():
+        try:
+            schedule = Schedule(row)
+        except UsageError as e:
+            log(f"schedule {row['name']} cannot fire: {e}")
+            continue
+        tick = schedule.next_tick(row["handled_until"])
+        if tick is not None and tick <= now:
+            made += fire_schedule(conn, row["name"], running_since, now)
+    return made
+
+
+def fire_schedule(conn, name, running_since, now):
+    """Make the jobs of one schedule's due ticks and move its watermark, in one transaction."""
+    config = load_config(conn)
+    with conn.transaction():
+        row = conn.execute(f"SELECT * FROM schedules WHERE name = ? AND paused = 0 {conn.LOCK_FOR_UPDATE}",
+                           (name,)).fetchone()
+        if row is None:  # removed or paused meanwhile
+            return []
+        schedule, low = Schedule(row), row["handled_until"]
+        missed = schedule.last_ticks(low, min(running_since, now), {
+            "latest": 1, "all": MAX_CATCH_UP, "none": 0}[row["catch_up"]]) if low < running_since else []
+        # A tick within a millisecond of the start may be in both: its second job is the same id, skipped.
+        on_time = schedule.ticks_between(max(low, running_since - 0.001), now, MAX_CATCH_UP)
+        last_job_id, last_tick, made = row["last_job_id"], row["last_tick_at"], []
+        for tick in missed + on_time:
+            if row["no_overlap"] and last_job_id and job_state(conn, last_job_id) not in (None, *END_STATES):
+                continue  # an earlier job of the schedule has not ended: this tick is skipped
+            job_id = tick_id(name, tick)
+            if insert_job_rows(conn, [schedule_job_row(row, job_id, tick, config, now)], if_absent=True):
+                made.append(job_id)
+                last_job_id, last_tick = job_id, tick
+        handled = on_time[-1] if len(on_time) == MAX_CATCH_UP else max(low, now)  # the rest: next time
+        conn.execute("""
+            UPDATE schedules SET handled_until = :handled, last_tick_at = :last_tick, last_job_id = :last_job_id
+            WHERE name = :name
+            """, {"handled": handled, "last_tick": last_tick, "last_job_id": last_job_id, "name": name})
+    return made
+
+
+# ---------------------------------------------------------------------------
 # Worker registry and wake-ups
 # ---------------------------------------------------------------------------
 
@@ -3340,6 +3815,7 @@ class Supervisor:
         self.conn = connect(self.db_path, durable=False)
         self.install_signals()
         self.register()
+        self.running_since = self.conn.now()  # schedules' ticks before this were missed (see fire_due_schedules)
         scope = ", ".join(self.queues) or "all queues"
         log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.conn.path}")
         self.next_beat = 0.0
@@ -3513,6 +3989,16 @@ class Supervisor:
             self.begin_stop("asked to stop")
         if self.is_burst and not self.is_stopping and self.queue_is_empty():
             self.begin_stop("burst done: no pending, failed or processing jobs left")
+        if not self.is_burst and not self.is_stopping:
+            self.fire_schedules()
+
+    def fire_schedules(self):
+        """Make the jobs of the schedules' ticks that came, and wake the workers for them."""
+        made = fire_due_schedules(self.conn, self.running_since)
+        for job_id in made:
+            log(f"schedule fired job {job_id}")
+        if made:
+            self.conn.wake_workers()
 
     def act_on_signals(self):
         """First stop signal: drain. Second: abort."""
@@ -4122,6 +4608,113 @@ def cmd_why(args):
     print(f"{answer['id']} is {answer['state']}")
     for reason in answer["reasons"]:
         print(f"  - {reason['text']}")
+
+
+def cmd_schedule_add(args):
+    """Add a recurring schedule: CRON, zone, and the job template of every tick."""
+    name = check_schedule_name(args.name)
+    Cron(args.cron)  # a bad CRON is exit 2 before anything else
+    tz = args.tz or local_zone_name()
+    resolve_zone(tz)
+    if (args.job is None) == (args.command is None):
+        raise UsageError("give the job as JSON or as -c COMMAND, not both or neither")
+    spec = parse_json_text(args.job, "the job") if args.job is not None else schedule_flags_job(args)
+    with closing(open_db(args)) as conn:
+        check_template(spec, load_config(conn), conn.now())
+        add_schedule(conn, name, args.cron, tz, spec, args.catch_up, args.no_overlap)
+        row = get_schedules(conn, [name])[0]
+        print(f"added schedule {name}: next tick {schedule_json(row, conn.now())['next_tick_at']}")
+
+
+def schedule_flags_job(args):
+    """The job template of `schedule add -c COMMAND` and its flags."""
+    spec = {"command": args.command}
+    for field, value in (("max_retries", args.max_retries), ("timeout", args.timeout),
+                         ("priority", args.priority), ("queue", args.queue)):
+        if value is not None:
+            spec[field] = value
+    return spec
+
+
+def cmd_schedule_list(args):
+    """Every schedule, with its next tick."""
+    with closing(open_db(args)) as conn:
+        now = conn.now()
+        schedules = [schedule_json(row, now) for row in get_schedules(conn)]
+    if args.json:
+        return print_json(schedules)
+    if not schedules:
+        return print("no schedules")
+    print_table(("NAME", "CRON", "TZ", "NEXT TICK", "PAUSED", "LAST JOB", "COMMAND"),
+                [(s["name"], s["cron"], s["tz"], short_iso(s["next_tick_at"]), "yes" if s["paused"] else "no",
+                  s["last_job_id"] or "-", one_line(s["job"].get("command", ""), 40)) for s in schedules])
+
+
+def cmd_schedule_show(args):
+    """One schedule, every field."""
+    with closing(open_db(args)) as conn:
+        schedule = schedule_json(get_schedules(conn, [args.name])[0], conn.now())
+    if args.json:
+        return print_json(schedule)
+    for field, value in schedule.items():
+        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+        print(f"{field + ':':<14} {'-' if value is None else shown}")
+
+
+def cmd_schedule_remove(args):
+    """Remove schedules; their jobs stay."""
+    with closing(open_db(args)) as conn:
+        change_schedules(conn, args.names, "DELETE FROM schedules WHERE name = :name")
+    for name in dict.fromkeys(args.names):
+        print(f"removed schedule {name}")
+
+
+def cmd_schedule_pause(args):
+    """Stop firing schedules."""
+    with closing(open_db(args)) as conn:
+        change_schedules(conn, args.names, "UPDATE schedules SET paused = 1 WHERE name = :name")
+    for name in dict.fromkeys(args.names):
+        print(f"paused schedule {name}")
+
+
+def cmd_schedule_resume(args):
+    """Fire schedules again, from now: the ticks missed while paused are not fired."""
+    with closing(open_db(args)) as conn:
+        change_schedules(conn, args.names, """
+            UPDATE schedules SET paused = 0, handled_until = CASE WHEN paused = 1 THEN :now ELSE handled_until END
+            WHERE name = :name
+            """)
+    for name in dict.fromkeys(args.names):
+        print(f"resumed schedule {name}")
+
+
+def cmd_schedule_run(args):
+    """One job from a schedule's template, now."""
+    with closing(open_db(args)) as conn:
+        job_id = run_schedule_now(conn, args.name)
+        conn.wake_workers()
+    print(job_id)
+
+
+def cmd_schedule_next(args):
+    """The next ticks of a CRON, without a database: to check an expression before trusting it."""
+    cron = Cron(args.cron)
+    zone_name = args.tz or local_zone_name()
+    zone = resolve_zone(zone_name)
+    if not 1 <= args.count <= 1000:
+        raise UsageError(f"--count must be 1 to 1000, got {args.count}")
+    tick = parse_time("--from", args.from_time) if args.from_time is not None else time.time()
+    ticks, anchor = [], tick
+    for _ in range(args.count):
+        tick = cron.next_tick(tick, zone, anchor)
+        if tick is None or tick > LATEST_TIME:
+            break
+        ticks.append(tick)
+    if args.json:
+        return print_json([iso(tick) for tick in ticks])
+    for tick in ticks:
+        local = datetime.datetime.fromtimestamp(tick, zone)
+        print(f"{iso(tick)}  {local.strftime('%Y-%m-%d %H:%M:%S')} {local.tzname()} ({zone_name})")
 
 
 def cmd_config_get(args):
@@ -4833,6 +5426,37 @@ def build_parser():
     limit.add_argument("queue")
     limit.add_argument("limit", type=int, metavar="N")
 
+    schedule = command("schedule", None, "recurring jobs: add, list, show, remove, pause, resume, run, next")
+    schedule_commands = schedule.add_subparsers(dest="schedule_command", metavar="ACTION", required=True)
+    add = command("add", cmd_schedule_add, "add a schedule: NAME CRON (JSON | -c COMMAND)",
+                  subparsers=schedule_commands)
+    add.add_argument("name")
+    add.add_argument("cron", help="five fields, an @alias or '@every 15m' (quote it)")
+    add.add_argument("job", nargs="?", help="the job template as a JSON object")
+    add.add_argument("-c", "--command", help="the shell command of each job")
+    add.add_argument("--max-retries", type=int)
+    add.add_argument("--timeout", type=float, metavar="S")
+    add.add_argument("--priority", type=int)
+    add.add_argument("--queue")
+    add.add_argument("--tz", metavar="ZONE", help="an IANA zone (default: this machine's)")
+    add.add_argument("--catch-up", choices=CATCH_UP_POLICIES, default="latest",
+                     help="ticks missed while no supervisor ran (default: latest)")
+    add.add_argument("--no-overlap", action="store_true", help="skip a tick while the last job has not ended")
+    command("list", cmd_schedule_list, "every schedule", [as_json], schedule_commands)
+    command("show", cmd_schedule_show, "one schedule", [as_json], schedule_commands).add_argument("name")
+    for name, func, help_text in (("remove", cmd_schedule_remove, "remove schedules (their jobs stay)"),
+                                  ("pause", cmd_schedule_pause, "stop firing schedules"),
+                                  ("resume", cmd_schedule_resume, "fire schedules again, from now")):
+        command(name, func, help_text, subparsers=schedule_commands).add_argument("names", nargs="+", metavar="NAME")
+    command("run", cmd_schedule_run, "one job from the template now", subparsers=schedule_commands).add_argument(
+        "name")
+    upcoming = command("next", cmd_schedule_next, "the next ticks of a CRON (reads no database)", [as_json],
+                       schedule_commands)
+    upcoming.add_argument("cron")
+    upcoming.add_argument("--tz", metavar="ZONE")
+    upcoming.add_argument("--from", dest="from_time", metavar="TIME", help="ISO-8601 or epoch (default: now)")
+    upcoming.add_argument("--count", type=int, default=5)
+
     config = command("config", None, "read or change settings")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     command("get", cmd_config_get, "one setting", [as_json], config_commands).add_argument("key")
@@ -4856,7 +5480,13 @@ def main(argv=None):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras and getattr(args, "job", False) is None and len(extras) == 1 and not extras[0].startswith("-"):
+            # `schedule add NAME CRON --tz Z JSON`: before 3.12 argparse takes a
+            # command's positionals from their first run of words only.
+            args.job = extras[0]
+        elif extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
         args.db_path = resolve_db_path(args.db)
         busy_timeout_s()  # a bad $QUEUECTL_BUSY_TIMEOUT is refused before anything starts
         code = args.func(args) or 0
