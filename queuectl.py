@@ -545,6 +545,13 @@ SCHEMA_V4 = [
     ) WITHOUT ROWID
     """,
     "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
+    # A run going while the database is upgraded (its job holds a lease token) gets its row.
+    """
+    INSERT INTO runs (job_seq, run, attempt, worker_id, started_at, outcome)
+    SELECT seq, 1, attempts, worker_id, coalesce(started_at, updated_at), 'running'
+    FROM jobs WHERE lease_token IS NOT NULL
+    """,
+    "UPDATE jobs SET last_run = 1 WHERE lease_token IS NOT NULL",
 ]
 
 # Version 5: recurring schedules (see "Schedules" below). handled_until is
@@ -799,7 +806,7 @@ def claim_statements(ready, by_run_at, skip_locked):
     claim_select = f"""
     SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries, queue, last_run,
            state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
-           updated_at AS updated_at_before,
+           updated_at AS updated_at_before, lease_token AS token_before,
            (SELECT max_running FROM queues WHERE queues.queue = jobs.queue) AS queue_limit
     FROM jobs {ready}
     WHERE state IN ('pending', 'failed')
@@ -1246,6 +1253,13 @@ PG_SCHEMA_V4 = [
     )
     """,
     "CREATE INDEX jobs_running ON jobs (queue, lease_until) WHERE lease_token IS NOT NULL",
+    # A run going while the database is upgraded (its job holds a lease token) gets its row.
+    """
+    INSERT INTO runs (job_seq, run, attempt, worker_id, started_at, outcome)
+    SELECT seq, 1, attempts, worker_id, coalesce(started_at, updated_at), 'running'
+    FROM jobs WHERE lease_token IS NOT NULL
+    """,
+    "UPDATE jobs SET last_run = 1 WHERE lease_token IS NOT NULL",
 ]
 
 # Version 5: schedules, as SCHEMA_V5.
@@ -1888,13 +1902,15 @@ WHERE job_seq = :seq
   AND run = :run
 """
 
-# A running job's output so far (flush_output); a run already finished is left alone.
+# A running job's output so far (flush_output), fenced by the lease token like
+# every write of a run: a run already finished, or no longer ours, is left alone.
 FLUSH_OUTPUT_SQL = """
 UPDATE runs
 SET stdout = :stdout, stdout_bytes = :stdout_bytes, stderr = :stderr, stderr_bytes = :stderr_bytes
 WHERE job_seq = :seq
   AND run = :run
   AND finished_at IS NULL
+  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.seq = :seq AND jobs.lease_token = :lease_token)
 """
 
 # A canceled job keeps its run's lease token until the run is over (see
@@ -1969,6 +1985,8 @@ def take_job(conn, job, worker_id, lease_s, now, claimed_at):
     token = os.urandom(8).hex()
     run = {"seq": job["seq"], "run": job["last_run"] + 1, "attempt": job["attempts"] + 1,
            "worker_id": worker_id, "host": HOST, "now": now}
+    if job["token_before"] is not None:  # a canceled run whose worker was lost: it ends here
+        release_stopped_run(conn, dict(job, lease_token=job["token_before"]), RunResult(), now)
     conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
                                     "lease_until": now + lease_s, "now": now})
     conn.execute(START_RUN_SQL, run)
@@ -2158,11 +2176,32 @@ def reap_expired_leases(conn, now=None):
     command may call it; this is how a job comes back even with no worker alive.
     """
     now = conn.now() if now is None else now
+    release_abandoned_runs(conn, now)
     if conn.execute("SELECT 1 FROM jobs WHERE state = 'processing' AND lease_until < ? LIMIT 1",
                     (now,)).fetchone() is None:
         return []
     return fail_lost_jobs(conn, "lease_until < :now", {"now": now},
                           "worker lost: its lease ran out with no heartbeat", now)
+
+
+ABANDONED_RUNS_SQL = """
+SELECT seq, last_run, lease_token
+FROM jobs
+WHERE lease_token IS NOT NULL
+  AND state <> 'processing'
+  AND lease_until < :now
+"""
+
+
+def release_abandoned_runs(conn, now):
+    """End the runs of canceled jobs whose worker was lost while stopping them (their lease ran out).
+
+    The run ends canceled, with the output last flushed; the job's lease token
+    goes, so a retry of it may start. One read of jobs_running when there are none.
+    """
+    for job in conn.execute(ABANDONED_RUNS_SQL, {"now": now}).fetchall():
+        with conn.transaction():
+            release_stopped_run(conn, job, RunResult(), now)
 
 
 def return_job_uncounted(conn, job, result=None, reason=FORCED_SHUTDOWN + "; this run was not counted",
@@ -2221,7 +2260,7 @@ def give_back(conn, job):
 
 def flush_output(conn, job, stdout, stderr):
     """Keep a running job's output tails (OutputTail) in its run, where followers read them."""
-    conn.execute(FLUSH_OUTPUT_SQL, {"seq": job["seq"], "run": job["last_run"],
+    conn.execute(FLUSH_OUTPUT_SQL, {"seq": job["seq"], "run": job["last_run"], "lease_token": job["lease_token"],
                                     "stdout": bytes(stdout.data), "stdout_bytes": stdout.total,
                                     "stderr": bytes(stderr.data), "stderr_bytes": stderr.total})
 
@@ -2299,8 +2338,6 @@ def cancel_jobs(conn, ids, now=None):
                     finished_at = :now, updated_at = :now
                 WHERE seq = :seq
                 """, {"seq": job["seq"], "now": now})
-            if job["state"] == "processing":  # its worker adds the exit code and output when it is gone
-                conn.execute(FINISH_RUN_SQL, run_params(job, RunResult(), now, "canceled", "canceled by the user"))
             settle_dependents(conn, job["id"], "canceled", now)
     return jobs
 
@@ -2567,8 +2604,8 @@ def waiting_reasons(conn, job, now):
     running = running_in(conn, job["queue"], now) if limit else 0
     if limit and running >= limit:
         reasons.append(("queue_at_limit", f"queue '{job['queue']}' is at its limit: {running} of {limit} running"))
-    if not reasons:
-        reasons.append(worker_reason(conn, job, now))
+    if job["run_at"] <= now:
+        reasons += worker_reasons(conn, job, now, held_back=bool(reasons))
     return reasons
 
 
@@ -2584,22 +2621,36 @@ def running_in(conn, queue, now):
         """, {"queue": queue, "now": now}).fetchone()[0]
 
 
-def worker_reason(conn, job, now):
-    """A due job: no live worker takes its queue, or they are busy with jobs ahead of it."""
+AHEAD_COUNTED = 1000  # why counts the due jobs ahead up to this many
+
+
+def worker_reasons(conn, job, now, held_back):
+    """A due job: no live worker takes its queue; or, if nothing else holds it back, they are busy."""
     workers = [p for p in live_processes(conn, now, tidy=False)
                if p["kind"] == "worker" and (not p["queues"] or job["queue"] in p["queues"])]
     if not workers:
         text = f"due, but no live worker takes jobs of queue '{job['queue']}' (queuectl worker start --queue ...)"
-        return ("no_worker_for_queue", text)
+        return [("no_worker_for_queue", text)]
+    if held_back:
+        return []
+    served = set() if any(not p["queues"] for p in workers) else {q for p in workers for q in p["queues"]}
+    names = {f"q{i}": queue for i, queue in enumerate(sorted(served))}
+    queue_filter = f"AND queue IN ({', '.join(':' + n for n in names)})" if names else ""
+    # Through jobs_ready, in claim order, and at most AHEAD_COUNTED: a read that stays cheap.
     ahead = conn.execute(f"""
-        SELECT count(*) FROM jobs
-        WHERE state IN ('pending', 'failed') AND deps_left = 0 AND run_at <= :now
-          AND (priority > :priority OR (priority = :priority AND seq < :seq))
-          AND queue NOT IN ({BLOCKED_QUEUES_SQL})
-        """, {"now": now, "priority": job["priority"], "seq": job["seq"]}).fetchone()[0]
+        SELECT count(*) FROM (
+            SELECT 1 FROM jobs
+            WHERE state IN ('pending', 'failed') AND deps_left = 0 AND is_due = 1
+              AND (priority > :priority OR (priority = :priority AND seq < :seq))
+              AND queue NOT IN ({BLOCKED_QUEUES_SQL})
+              {queue_filter}
+            LIMIT {AHEAD_COUNTED}) AS ahead
+        """, {"now": now, "priority": job["priority"], "seq": job["seq"], **names}).fetchone()[0]
     busy = sum(1 for p in workers if p["current_job"])
-    text = f"due; {busy} of {len(workers)} worker(s) for queue '{job['queue']}' are busy, {ahead} due job(s) ahead of it"
-    return ("waiting_for_worker", text)
+    ahead_text = f"{ahead}" if ahead < AHEAD_COUNTED else f"{AHEAD_COUNTED} or more"
+    text = (f"due; {busy} of {len(workers)} worker(s) for queue '{job['queue']}' are busy, "
+            f"{ahead_text} due job(s) ahead of it")
+    return [("waiting_for_worker", text)]
 
 
 # ---------------------------------------------------------------------------
@@ -4438,25 +4489,34 @@ def cmd_logs(args):
 def follow_logs(args, stream):
     """Print the job's current run as it is written, then each later run, until the job ends.
 
-    Only reads, every FOLLOW_POLL_S: the worker flushes a running job's
-    output to its run at most every OUTPUT_FLUSH_S, and the run keeps the
-    last output_limit bytes. A follower further behind than that is told how
-    many bytes it missed and goes on from the kept tail. Exit as `wait`: 0
+    Reads, every FOLLOW_POLL_S: the worker flushes a running job's output to
+    its run at most every OUTPUT_FLUSH_S, and the run keeps the last
+    output_limit bytes. A follower further behind than that is told how many
+    bytes it missed and goes on from the kept tail. Its only write is to
+    return the job to the retry rules once its lease has run out, as `wait`
+    does, so that a job whose worker vanished still ends. Exit as `wait`: 0
     if the job ended completed.
     """
     with closing(open_db(args)) as conn:
         job = get_job(conn, args.id)
+        if job["last_run"] == 0 and job["state"] in END_STATES:  # ended unrun, or ran before runs were kept
+            write_raw(job[stream])
         run, printed = max(job["last_run"], 1), 0  # the run followed, and how much of it is printed
         while True:
-            output = run_output(conn, job, run, stream)
-            if output is not None:
-                printed = print_new_output(output, printed)
+            progress = conn.execute(f"SELECT {stream}_bytes, finished_at FROM runs WHERE job_seq = ? AND run = ?",
+                                    (job["seq"], run)).fetchone()
+            if progress is not None and progress[0] != printed:
+                printed = print_new_output(run_output(conn, job, run, stream), printed)
             job = get_job(conn, args.id)
-            if output is not None and output[2] and job["last_run"] > run:  # a later run began
+            finished = progress is not None and progress[1] is not None
+            if finished and job["last_run"] > run:  # a later run began
                 run, printed = run + 1, 0
-            elif job["state"] in END_STATES and (output is None or output[2]) and job["last_run"] <= run:
-                break
+            elif job["state"] in END_STATES and (finished or job["last_run"] < run):
+                if progress is None or printed == progress[0]:
+                    break
             else:
+                if job["lease_token"] is not None and job["lease_until"] < conn.now():
+                    reap_if_possible(conn)  # its worker is gone: nothing else may come to end it
                 time.sleep(FOLLOW_POLL_S)
     if job["state"] != "completed":
         raise QueueError(f"job '{job['id']}' ended {job['state']}")
