@@ -3051,6 +3051,26 @@ def fire_due_schedules(conn, running_since, now=None):
     return made
 
 
+def supervised_since(conn, running_since, now):
+    """Since when supervisors have run without a break, as far as the registry knows: ours, or an older live one.
+
+    A tick that came while any supervisor ran was not missed, even if the
+    supervisor that fires it started after it.
+    """
+    lease_s = load_config(conn)["lease_timeout"]
+    rows = conn.execute("SELECT * FROM workers WHERE kind = 'supervisor'").fetchall()
+    return min([running_since, *(row["started_at"] for row in rows if is_alive(row, lease_s, now))])
+
+
+def has_unended_job(conn, name):
+    """Whether a job of the schedule (a tick's, or `schedule run`'s: ids NAME@...) is not in an end state."""
+    return conn.execute("""
+        SELECT 1 FROM jobs
+        WHERE id > :low AND id < :high AND state IN ('pending', 'failed', 'processing')
+        LIMIT 1
+        """, {"low": name + "@", "high": name + "A"}).fetchone() is not None  # 'A' follows '@'
+
+
 def fire_schedule(conn, name, running_since, now):
     """Make the jobs of one schedule's due ticks and move its watermark, in one transaction."""
     config = load_config(conn)
@@ -3060,13 +3080,14 @@ def fire_schedule(conn, name, running_since, now):
         if row is None:  # removed or paused meanwhile
             return []
         schedule, low = Schedule(row), row["handled_until"]
+        running_since = supervised_since(conn, running_since, now)
         missed = schedule.last_ticks(low, min(running_since, now), {
             "latest": 1, "all": MAX_CATCH_UP, "none": 0}[row["catch_up"]]) if low < running_since else []
         # A tick within a millisecond of the start may be in both: its second job is the same id, skipped.
         on_time = schedule.ticks_between(max(low, running_since - 0.001), now, MAX_CATCH_UP)
         last_job_id, last_tick, made = row["last_job_id"], row["last_tick_at"], []
         for tick in missed + on_time:
-            if row["no_overlap"] and last_job_id and job_state(conn, last_job_id) not in (None, *END_STATES):
+            if row["no_overlap"] and has_unended_job(conn, name):
                 continue  # an earlier job of the schedule has not ended: this tick is skipped
             job_id = tick_id(name, tick)
             if insert_job_rows(conn, [schedule_job_row(row, job_id, tick, config, now)], if_absent=True):

@@ -4865,8 +4865,6 @@ def test_a_burst_worker_fires_no_schedule(fast, pool, tmp_path):
     assert show("hold")["state"] == "completed"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect: --no-overlap looks only at last_job_id, and `schedule run` moves it")
 def test_no_overlap_skips_ticks_while_an_earlier_job_runs_even_after_a_later_run_job_ended(fast, pool, tmp_path):
     proc = pool("--count", "2")
     assert wait_until(lambda: supervisor_started_at(proc)), log_text(proc)
@@ -4882,9 +4880,6 @@ def test_no_overlap_skips_ticks_while_an_earlier_job_runs_even_after_a_later_run
     assert [job["id"] for job in tick_jobs("solo")] == [first_id]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect: a tick counts as missed when it came before the firing supervisor's own start, "
-                          "though another supervisor was running")
 def test_a_tick_that_came_while_a_supervisor_ran_is_not_missed_when_another_supervisor_starts_just_after_it(db):
     # In-process, with the clock given: supervisor A runs from 999 and looks
     # every 0.2 s; B starts at 1001.1, just after the tick 1001, and looks
@@ -4893,6 +4888,7 @@ def test_a_tick_that_came_while_a_supervisor_ran_is_not_missed_when_another_supe
     cli("init")
     conn = queuectl.connect(db)
     try:
+        queuectl.register_process(conn, "A", "supervisor", None, [], now=999.0)  # A, in the registry
         queuectl.add_schedule(conn, "s", "@every 1s", "UTC", {"command": "true"}, "none", False, now=1000.0)
         assert queuectl.fire_due_schedules(conn, running_since=999.0, now=1000.9) == []  # A: nothing due yet
         queuectl.fire_due_schedules(conn, running_since=1001.1, now=1001.15)  # B, just started
