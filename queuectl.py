@@ -535,7 +535,7 @@ SCHEMA_V4 = [
         stderr        BLOB NOT NULL DEFAULT x'',
         stderr_bytes  INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_seq, run)
-    )
+    ) WITHOUT ROWID
     """,
     """
     CREATE TABLE queues (
@@ -557,6 +557,12 @@ SCHEMA_V4 = [
 # Version 5: recurring schedules (see "Schedules" below). handled_until is
 # the watermark: every tick up to it was fired or skipped.
 SCHEMA_V5 = [
+    # The run going lives in its job's row until it ends (see FINISH_RUN_SQL): where it runs.
+    "ALTER TABLE jobs ADD COLUMN run_host TEXT",
+    "UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run) "
+    "WHERE lease_token IS NOT NULL",
+    # Lost leases are found through jobs_by_state (processing jobs are few): one index less to keep.
+    "DROP INDEX jobs_leased",
     """
     CREATE TABLE schedules (
         name           TEXT PRIMARY KEY,
@@ -768,15 +774,16 @@ def if_possible(conn, operation, *args):
         return None
 
 
-# The queues whose jobs are not claimed now: paused, or with as many runs going
-# as their limit (see running_in).
-BLOCKED_QUEUES_SQL = """
-    SELECT queue FROM queues
-    WHERE paused = 1
-       OR (max_running > 0
-           AND max_running <= (SELECT count(*) FROM jobs AS running
-                               WHERE running.lease_token IS NOT NULL AND running.queue = queues.queue
-                                 AND running.lease_until >= :now))
+# Whether a queue's jobs are not claimed now: it is paused, or has as many runs
+# going as its limit (see running_in). A queue without settings has no row.
+BLOCKED_QUEUE_SQL = """
+    SELECT 1 FROM queues
+    WHERE queues.queue = jobs.queue
+      AND (paused = 1
+           OR (max_running > 0
+               AND max_running <= (SELECT count(*) FROM jobs AS running
+                                   WHERE running.lease_token IS NOT NULL AND running.queue = queues.queue
+                                     AND running.lease_until >= :now)))
 """
 
 
@@ -812,7 +819,7 @@ def claim_statements(ready, by_run_at, skip_locked):
     WHERE state IN ('pending', 'failed')
       AND deps_left = 0
       AND is_due = 1
-      AND queue NOT IN ({BLOCKED_QUEUES_SQL})
+      AND NOT EXISTS ({BLOCKED_QUEUE_SQL})
       {{queue_filter}}
     ORDER BY priority DESC, seq
     LIMIT 1
@@ -1264,6 +1271,10 @@ PG_SCHEMA_V4 = [
 
 # Version 5: schedules, as SCHEMA_V5.
 PG_SCHEMA_V5 = [
+    "ALTER TABLE jobs ADD COLUMN run_host text",
+    "UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run) "
+    "WHERE lease_token IS NOT NULL",
+    "DROP INDEX jobs_leased",
     """
     CREATE TABLE schedules (
         name           text PRIMARY KEY,
@@ -1852,15 +1863,11 @@ SET state = 'processing',
     worker_id = :worker_id,
     lease_token = :lease_token,
     lease_until = :lease_until,
+    run_host = :host,
     started_at = :now,
     updated_at = :now
 WHERE seq = :seq
   AND state IN ('pending', 'failed')
-"""
-
-START_RUN_SQL = """
-INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, outcome)
-VALUES (:seq, :run, :attempt, :worker_id, :host, :now, 'running')
 """
 
 # Used for every end of a run. The lease token fences it: a worker that lost
@@ -1886,31 +1893,47 @@ WHERE seq = :seq
   AND lease_token = :lease_token
 """
 
-# The run's own record, in the same transaction as its job's. Output given as
-# NULL keeps what the worker flushed last (a lost worker's run).
+# A run that is going lives in its job's row (last_run, attempts, worker_id,
+# run_host, started_at: set by the claim), and gets a row in runs when it
+# ends, in the same transaction as its job's change, or earlier when its
+# worker flushes its output. So a claim writes nothing more than the job.
+# Output given as NULL keeps what was flushed last (a lost worker's run).
 FINISH_RUN_SQL = """
-UPDATE runs
-SET outcome = :outcome,
-    exit_code = :exit_code,
-    error = :error,
-    finished_at = :now,
-    stdout = coalesce(:stdout, stdout),
-    stdout_bytes = coalesce(:stdout_bytes, stdout_bytes),
-    stderr = coalesce(:stderr, stderr),
-    stderr_bytes = coalesce(:stderr_bytes, stderr_bytes)
-WHERE job_seq = :seq
-  AND run = :run
+INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, finished_at, outcome, exit_code, error,
+                  stdout, stdout_bytes, stderr, stderr_bytes)
+VALUES (:seq, :run, :attempt, :worker_id, :host, :started_at, :now, :outcome, :exit_code, :error,
+        :stdout_or_none, :stdout_bytes_or_0, :stderr_or_none, :stderr_bytes_or_0)
+ON CONFLICT (job_seq, run) DO UPDATE
+SET outcome = excluded.outcome,
+    exit_code = excluded.exit_code,
+    error = excluded.error,
+    finished_at = excluded.finished_at,
+    stdout = coalesce(:stdout, runs.stdout),
+    stdout_bytes = coalesce(:stdout_bytes, runs.stdout_bytes),
+    stderr = coalesce(:stderr, runs.stderr),
+    stderr_bytes = coalesce(:stderr_bytes, runs.stderr_bytes)
 """
 
 # A running job's output so far (flush_output), fenced by the lease token like
 # every write of a run: a run already finished, or no longer ours, is left alone.
 FLUSH_OUTPUT_SQL = """
-UPDATE runs
-SET stdout = :stdout, stdout_bytes = :stdout_bytes, stderr = :stderr, stderr_bytes = :stderr_bytes
-WHERE job_seq = :seq
-  AND run = :run
-  AND finished_at IS NULL
-  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.seq = :seq AND jobs.lease_token = :lease_token)
+INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, outcome,
+                  stdout, stdout_bytes, stderr, stderr_bytes)
+SELECT :seq, :run, :attempt, :worker_id, :host, :started_at, 'running',
+       :stdout, :stdout_bytes, :stderr, :stderr_bytes
+WHERE EXISTS (SELECT 1 FROM jobs WHERE jobs.seq = :seq AND jobs.lease_token = :lease_token)
+ON CONFLICT (job_seq, run) DO UPDATE
+SET stdout = excluded.stdout, stdout_bytes = excluded.stdout_bytes,
+    stderr = excluded.stderr, stderr_bytes = excluded.stderr_bytes
+WHERE runs.finished_at IS NULL
+"""
+
+# The row of a run still going, written before its job's row forgets it (a
+# retry of a canceled job whose run is being stopped resets attempts).
+OPEN_RUN_SQL = """
+INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, outcome)
+VALUES (:seq, :run, :attempt, :worker_id, :host, :started_at, 'running')
+ON CONFLICT (job_seq, run) DO NOTHING
 """
 
 # A canceled job keeps its run's lease token until the run is over (see
@@ -1983,20 +2006,19 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
 def take_job(conn, job, worker_id, lease_s, now, claimed_at):
     """Mark a selected job processing under a new lease token and start its run; the claimed job."""
     token = os.urandom(8).hex()
-    run = {"seq": job["seq"], "run": job["last_run"] + 1, "attempt": job["attempts"] + 1,
-           "worker_id": worker_id, "host": HOST, "now": now}
     if job["token_before"] is not None:  # a canceled run whose worker was lost: it ends here
-        release_stopped_run(conn, dict(job, lease_token=job["token_before"]), RunResult(), now)
+        release_stopped_run(conn, dict(job, lease_token=job["token_before"], worker_id=None, run_host=None,
+                                       started_at=job["started_at_before"]), RunResult(), now)
     conn.execute(CLAIM_UPDATE_SQL, {"seq": job["seq"], "worker_id": worker_id, "lease_token": token,
-                                    "lease_until": now + lease_s, "now": now})
-    conn.execute(START_RUN_SQL, run)
-    return dict(job, attempts=run["attempt"], last_run=run["run"], lease_token=token, claimed_at=claimed_at)
+                                    "lease_until": now + lease_s, "host": HOST, "now": now})
+    return dict(job, attempts=job["attempts"] + 1, last_run=job["last_run"] + 1, lease_token=token,
+                claimed_at=claimed_at, worker_id=worker_id, run_host=HOST, started_at=now)
 
 
 def best_job_of_limited_queue(conn, claim_query, queue, now):
     """The best due job of a limited queue if it has room, holding the queue's row to our commit.
 
-    The claim's SELECT already passes over full queues (BLOCKED_QUEUES_SQL),
+    The claim's SELECT already passes over full queues (BLOCKED_QUEUE_SQL),
     but two claimers on PostgreSQL may both see its last free place. So the
     queue's row is locked first, then its runs going are counted again, then
     its best job is read, waiting for (not skipping) one another claimer is
@@ -2075,14 +2097,22 @@ def release_stopped_run(conn, job, result, now):
         conn.execute(FINISH_RUN_SQL, run_params(job, result, now, outcome="canceled", error="canceled by the user"))
 
 
+def run_identity(job):
+    """Which run of which job is going, from the job's row (or a claimed job): the key and start of its row."""
+    return {"seq": job["seq"], "run": job["last_run"], "attempt": job["attempts"], "worker_id": job["worker_id"],
+            "host": job["run_host"], "started_at": job["started_at"]}
+
+
 def run_params(job, result, now, outcome=None, error=None):
     """FINISH_RUN_SQL's parameters for job's current run, ended with result."""
-    params = {"seq": job["seq"], "run": job["last_run"], "outcome": outcome or result.outcome,
-              "exit_code": result.exit_code, "error": error or result.error, "now": now}
+    params = dict(run_identity(job), outcome=outcome or result.outcome, exit_code=result.exit_code,
+                  error=error or result.error, now=now)
     for stream in ("stdout", "stderr"):
         tail = getattr(result, stream + "_tail")
         params[stream] = bytes(tail.data) if tail is not None else None
         params[stream + "_bytes"] = tail.total if tail is not None else None
+        params[stream + "_or_none"] = params[stream] if tail is not None else b""
+        params[stream + "_bytes_or_0"] = params[stream + "_bytes"] or 0
     return params
 
 
@@ -2185,7 +2215,7 @@ def reap_expired_leases(conn, now=None):
 
 
 ABANDONED_RUNS_SQL = """
-SELECT seq, last_run, lease_token
+SELECT seq, last_run, lease_token, attempts, worker_id, run_host, started_at
 FROM jobs
 WHERE lease_token IS NOT NULL
   AND state <> 'processing'
@@ -2250,17 +2280,15 @@ WHERE seq = :seq
 def give_back(conn, job):
     """Undo a claim whose job never started: the job is exactly as it was before, its run unmade."""
     with conn.transaction():
-        if conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
+        if not conn.execute(GIVE_BACK_SQL, {key: job[key] for key in (
                 "seq", "lease_token", "state_before", "last_error_before", "started_at_before",
-                "updated_at_before")}).rowcount:
-            conn.execute("DELETE FROM runs WHERE job_seq = ? AND run = ?", (job["seq"], job["last_run"]))
-        else:  # canceled meanwhile: its run ends as canceled, having never started
+                "updated_at_before")}).rowcount:  # canceled meanwhile: its run ends canceled, never started
             release_stopped_run(conn, job, RunResult(), conn.now())
 
 
 def flush_output(conn, job, stdout, stderr):
     """Keep a running job's output tails (OutputTail) in its run, where followers read them."""
-    conn.execute(FLUSH_OUTPUT_SQL, {"seq": job["seq"], "run": job["last_run"], "lease_token": job["lease_token"],
+    conn.execute(FLUSH_OUTPUT_SQL, {**run_identity(job), "lease_token": job["lease_token"],
                                     "stdout": bytes(stdout.data), "stdout_bytes": stdout.total,
                                     "stderr": bytes(stderr.data), "stderr_bytes": stderr.total})
 
@@ -2358,6 +2386,8 @@ def retry_jobs(conn, ids=None, states=RETRYABLE_STATES, now=None):
             if job["state"] not in states:
                 raise QueueError(f"job '{job['id']}' is {job['state']}; only {' or '.join(states)} jobs "
                                  "can be retried")
+            if job["lease_token"] is not None:  # its canceled run is still being stopped: keep it
+                conn.execute(OPEN_RUN_SQL, run_identity(job))
             conn.execute("""
                 UPDATE jobs
                 SET state = 'pending', attempts = 0, deps_left = :deps_left,
@@ -2479,14 +2509,19 @@ def job_json(row):
 
 
 def runs_of(conn, job):
-    """The job's runs, oldest first, without their output."""
-    return conn.execute("""
+    """The job's runs, oldest first, without their output; the one going, from its job if it has no row yet."""
+    runs = [dict(row) for row in conn.execute("""
         SELECT run, attempt, worker_id, host, started_at, finished_at, exit_code, error, outcome,
                stdout_bytes, stderr_bytes
         FROM runs
         WHERE job_seq = ?
         ORDER BY run
-        """, (job["seq"],)).fetchall()
+        """, (job["seq"],))]
+    if job["lease_token"] is not None and (not runs or runs[-1]["run"] < job["last_run"]):
+        runs.append({"run": job["last_run"], "attempt": job["attempts"], "worker_id": job["worker_id"],
+                     "host": job["run_host"], "started_at": job["started_at"], "finished_at": None,
+                     "exit_code": None, "error": None, "outcome": "running", "stdout_bytes": 0, "stderr_bytes": 0})
+    return runs
 
 
 def run_json(row):
@@ -2503,7 +2538,9 @@ def run_output(conn, job, run, stream):
     """(kept bytes, bytes written in all, finished) of one run's stream; None if there is no such run."""
     row = conn.execute(f"SELECT {stream}, {stream}_bytes, finished_at FROM runs WHERE job_seq = ? AND run = ?",
                        (job["seq"], run)).fetchone()
-    return None if row is None else (bytes(row[0]), row[1], row[2] is not None)
+    if row is None:  # the run going has no row until its first output is flushed
+        return (b"", 0, False) if job["lease_token"] is not None and run == job["last_run"] else None
+    return bytes(row[0]), row[1], row[2] is not None
 
 
 # ---------------------------------------------------------------------------
@@ -2568,9 +2605,7 @@ def explain_job(conn, job_id, now=None):
 
 def running_text(conn, job):
     """Who runs the job, where, since when, and until when its lease holds."""
-    row = conn.execute("SELECT host FROM runs WHERE job_seq = ? AND run = ?", (job["seq"], job["last_run"])).fetchone()
-    host = row[0] if row and row[0] else "?"
-    return (f"running on worker {job['worker_id']} on host {host} since {iso(job['started_at'])} (attempt "
+    return (f"running on worker {job['worker_id']} on host {job['run_host'] or '?'} since {iso(job['started_at'])} (attempt "
             f"{job['attempts']} of {job['max_retries'] + 1}); its lease runs until {iso(job['lease_until'])}")
 
 
@@ -2642,7 +2677,7 @@ def worker_reasons(conn, job, now, held_back):
             SELECT 1 FROM jobs
             WHERE state IN ('pending', 'failed') AND deps_left = 0 AND is_due = 1
               AND (priority > :priority OR (priority = :priority AND seq < :seq))
-              AND queue NOT IN ({BLOCKED_QUEUES_SQL})
+              AND NOT EXISTS ({BLOCKED_QUEUE_SQL})
               {queue_filter}
             LIMIT {AHEAD_COUNTED}) AS ahead
         """, {"now": now, "priority": job["priority"], "seq": job["seq"], **names}).fetchone()[0]
@@ -4129,7 +4164,7 @@ class Supervisor:
             log(f"could not return the job of a killed worker: {e}")
 
 JOBS_OF_WORKER_SQL = """
-SELECT seq, lease_token, last_run
+SELECT seq, lease_token, last_run, attempts, worker_id, run_host, started_at
 FROM jobs
 WHERE state = 'processing'
   AND worker_id = :worker_id

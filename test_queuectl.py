@@ -71,16 +71,21 @@ def db(tmp_path, monkeypatch):
     assert jobs_whose_runs_disagree(path) == []
 
 
-# A job and its runs never disagree: its last_run numbers its latest run, and
-# it holds a lease token (it is processing, or canceled and being stopped)
-# exactly when that run is still running.
-DISAGREEING_RUNS_SQL = """
-SELECT jobs.id, jobs.state, jobs.last_run, max(runs.run)
+# A job and its runs never disagree. A job that holds no lease token numbers
+# its latest run row and has none running. One that holds a token
+# (processing, or canceled and being stopped) has a run going: its row is
+# the latest and the only one running, or it has no row yet (it gets one
+# when it ends or first flushes its output) and the job numbers it next.
+RUNNING = "sum(CASE WHEN runs.outcome = 'running' THEN 1 ELSE 0 END)"
+DISAGREEING_RUNS_SQL = f"""
+SELECT jobs.id, jobs.state, jobs.last_run, max(runs.run), {RUNNING}
 FROM jobs LEFT JOIN runs ON runs.job_seq = jobs.seq
 GROUP BY jobs.seq
-HAVING jobs.last_run <> coalesce(max(runs.run), 0)
-    OR CASE WHEN jobs.lease_token IS NOT NULL THEN 1 ELSE 0 END
-       <> sum(CASE WHEN runs.outcome = 'running' THEN 1 ELSE 0 END)
+HAVING NOT (
+       (jobs.lease_token IS NULL AND jobs.last_run = coalesce(max(runs.run), 0) AND {RUNNING} = 0)
+    OR (jobs.lease_token IS NOT NULL AND jobs.last_run = max(runs.run) AND {RUNNING} = 1
+        AND max(CASE WHEN runs.outcome = 'running' THEN runs.run END) = jobs.last_run)
+    OR (jobs.lease_token IS NOT NULL AND jobs.last_run = coalesce(max(runs.run), 0) + 1 AND {RUNNING} = 0))
 """
 
 
