@@ -559,8 +559,10 @@ SCHEMA_V4 = [
 SCHEMA_V5 = [
     # The run going lives in its job's row until it ends (see FINISH_RUN_SQL): where it runs.
     "ALTER TABLE jobs ADD COLUMN run_host TEXT",
-    "UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run) "
-    "WHERE lease_token IS NOT NULL",
+    """
+    UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run)
+    WHERE lease_token IS NOT NULL
+    """,
     # Lost leases are found through jobs_by_state (processing jobs are few): one index less to keep.
     "DROP INDEX jobs_leased",
     """
@@ -1272,8 +1274,10 @@ PG_SCHEMA_V4 = [
 # Version 5: schedules, as SCHEMA_V5.
 PG_SCHEMA_V5 = [
     "ALTER TABLE jobs ADD COLUMN run_host text",
-    "UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run) "
-    "WHERE lease_token IS NOT NULL",
+    """
+    UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run)
+    WHERE lease_token IS NOT NULL
+    """,
     "DROP INDEX jobs_leased",
     """
     CREATE TABLE schedules (
