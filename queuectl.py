@@ -535,7 +535,7 @@ SCHEMA_V4 = [
         stderr        BLOB NOT NULL DEFAULT x'',
         stderr_bytes  INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_seq, run)
-    ) WITHOUT ROWID
+    )
     """,
     """
     CREATE TABLE queues (
@@ -557,14 +557,6 @@ SCHEMA_V4 = [
 # Version 5: recurring schedules (see "Schedules" below). handled_until is
 # the watermark: every tick up to it was fired or skipped.
 SCHEMA_V5 = [
-    # The run going lives in its job's row until it ends (see FINISH_RUN_SQL): where it runs.
-    "ALTER TABLE jobs ADD COLUMN run_host TEXT",
-    """
-    UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run)
-    WHERE lease_token IS NOT NULL
-    """,
-    # Lost leases are found through jobs_by_state (processing jobs are few): one index less to keep.
-    "DROP INDEX jobs_leased",
     """
     CREATE TABLE schedules (
         name           TEXT PRIMARY KEY,
@@ -583,11 +575,40 @@ SCHEMA_V5 = [
     """,
 ]
 
+# Version 6:
+# * The run going lives in its job's row until it ends (see FINISH_RUN_SQL):
+#   run_host says where it runs.
+# * Lost leases are found through jobs_by_state (processing jobs are few):
+#   jobs_leased, one index more to keep on every claim and result, goes.
+# * A job made by a schedule names it (schedule), and jobs_of_schedules finds
+#   a schedule's jobs not yet ended (--no-overlap) without walking its past.
+# * A supervisor says whether it fires schedules (not --burst, not stopping):
+#   a tick that came while one did was not missed.
+def schema_v6(text_type):
+    return [
+        f"ALTER TABLE jobs ADD COLUMN run_host {text_type}",
+        """
+        UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run),
+                        started_at = coalesce(started_at, updated_at)
+        WHERE lease_token IS NOT NULL
+        """,
+        "DROP INDEX jobs_leased",
+        f"ALTER TABLE jobs ADD COLUMN schedule {text_type}",
+        """
+        CREATE INDEX jobs_of_schedules ON jobs (schedule)
+        WHERE schedule IS NOT NULL AND state IN ('pending', 'failed', 'processing')
+        """,
+        "ALTER TABLE workers ADD COLUMN fires_schedules INTEGER NOT NULL DEFAULT 0",
+    ]
+
+
+SCHEMA_V6 = schema_v6("TEXT")
+
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 5
-SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5}
+SCHEMA_VERSION = 6
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6}
 OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules"}
 
 
@@ -1273,12 +1294,6 @@ PG_SCHEMA_V4 = [
 
 # Version 5: schedules, as SCHEMA_V5.
 PG_SCHEMA_V5 = [
-    "ALTER TABLE jobs ADD COLUMN run_host text",
-    """
-    UPDATE jobs SET run_host = (SELECT host FROM runs WHERE job_seq = jobs.seq AND run = jobs.last_run)
-    WHERE lease_token IS NOT NULL
-    """,
-    "DROP INDEX jobs_leased",
     """
     CREATE TABLE schedules (
         name           text PRIMARY KEY,
@@ -1297,7 +1312,7 @@ PG_SCHEMA_V5 = [
     """,
 ]
 
-PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5}  # PostgreSQL came with version 3: its first step is the whole schema
+PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text")}  # PostgreSQL came with version 3: its first step is the whole schema
 CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
@@ -3063,7 +3078,7 @@ def run_schedule_now(conn, name, now=None):
     with conn.transaction():
         row = get_schedules(conn, [name], conn.LOCK_FOR_UPDATE)[0]
         job_id = f"{row['name']}@run.{new_job_id()}"
-        insert_job_rows(conn, [schedule_job_row(row, job_id, now, config, now)])
+        insert_schedule_job(conn, row, job_id, now, config, now)
         conn.execute("UPDATE schedules SET last_job_id = ? WHERE name = ?", (job_id, row["name"]))
     return job_id
 
@@ -3071,65 +3086,87 @@ def run_schedule_now(conn, name, now=None):
 def fire_due_schedules(conn, running_since, now=None):
     """Fire every schedule whose next tick has come; the ids of the jobs made.
 
-    running_since: when this supervisor started. Ticks before it were missed
-    (no supervisor ran then, or one would have fired them) and follow the
-    schedule's catch-up policy; later ones all fire. Cheap when nothing is
-    due: one read of the schedules, no lock.
+    running_since: when this supervisor started firing. Ticks that came
+    while no supervisor fired were missed and follow the schedule's catch-up
+    policy (see supervised_since); later ones all fire. Cheap when nothing
+    is due: one read of the schedules, no lock, each next tick computed once.
     """
     now = conn.now() if now is None else now
     made = []
     for row in conn.execute("SELECT * FROM schedules WHERE paused = 0").fetchall():
-        try:
-            schedule = Schedule(row)
-        except UsageError as e:
-            log(f"schedule {row['name']} cannot fire: {e}")
-            continue
-        tick = schedule.next_tick(row["handled_until"])
-        if tick is not None and tick <= now:
-            made += fire_schedule(conn, row["name"], running_since, now)
+        key = tuple(row[column] for column in ("name", "cron", "tz", "anchor", "handled_until"))
+        if key not in NEXT_TICKS:
+            try:
+                NEXT_TICKS[key] = Schedule(row).next_tick(row["handled_until"])
+            except UsageError as e:
+                log(f"schedule {row['name']} cannot fire: {e}")
+                NEXT_TICKS[key] = None
+        if NEXT_TICKS[key] is not None and NEXT_TICKS[key] <= now:
+            made += fire_schedule(conn, row, running_since, now)
+    if len(NEXT_TICKS) > 10_000:  # keys of watermarks long gone
+        NEXT_TICKS.clear()
     return made
 
 
-def supervised_since(conn, running_since, now):
-    """Since when supervisors have run without a break, as far as the registry knows: ours, or an older live one.
+NEXT_TICKS = {}  # (name, cron, tz, anchor, handled_until) -> the next tick: a supervisor asks 5 times a second
 
-    A tick that came while any supervisor ran was not missed, even if the
-    supervisor that fires it started after it.
+
+def supervised_since(conn, running_since, now):
+    """Since when schedules have been fired without a break, as far as the registry knows.
+
+    Ours, or an older live supervisor's that fires them (not --burst, not
+    stopping): a tick that came while one fired was not missed, even if
+    the supervisor that makes its job started after it. (A supervisor that
+    died counts until its heartbeat is lease_timeout old.)
     """
     lease_s = load_config(conn)["lease_timeout"]
-    rows = conn.execute("SELECT * FROM workers WHERE kind = 'supervisor'").fetchall()
+    rows = conn.execute("SELECT * FROM workers WHERE kind = 'supervisor' AND fires_schedules = 1").fetchall()
     return min([running_since, *(row["started_at"] for row in rows if is_alive(row, lease_s, now))])
 
 
 def has_unended_job(conn, name):
-    """Whether a job of the schedule (a tick's, or `schedule run`'s: ids NAME@...) is not in an end state."""
+    """Whether a job of the schedule (a tick's, or `schedule run`'s) is not in an end state (jobs_of_schedules)."""
     return conn.execute("""
         SELECT 1 FROM jobs
-        WHERE id > :low AND id < :high AND state IN ('pending', 'failed', 'processing')
+        WHERE schedule IS NOT NULL AND state IN ('pending', 'failed', 'processing') AND schedule = ?
         LIMIT 1
-        """, {"low": name + "@", "high": name + "A"}).fetchone() is not None  # 'A' follows '@'
+        """, (name,)).fetchone() is not None
 
 
-def fire_schedule(conn, name, running_since, now):
-    """Make the jobs of one schedule's due ticks and move its watermark, in one transaction."""
+def due_ticks(row, since, now):
+    """(missed, on_time): the ticks of a schedule row after its watermark up to now, split at since."""
+    schedule, low = Schedule(row), row["handled_until"]
+    missed = schedule.last_ticks(low, min(since, now), {
+        "latest": 1, "all": MAX_CATCH_UP, "none": 0}[row["catch_up"]]) if low < since else []
+    # A tick within a millisecond of `since` may be in both: its second job is the same id, skipped.
+    on_time = schedule.ticks_between(max(low, since - 0.001), now, MAX_CATCH_UP)
+    return missed, on_time
+
+
+def fire_schedule(conn, seen, running_since, now):
+    """Make the jobs of one schedule's due ticks and move its watermark, in one transaction.
+
+    The ticks are worked out before the transaction (near a clock change
+    that takes milliseconds) from the row as seen; under the row's lock they
+    are worked out again only if another supervisor moved the watermark.
+    """
     config = load_config(conn)
+    planned = due_ticks(seen, supervised_since(conn, running_since, now), now)
     with conn.transaction():
         row = conn.execute(f"SELECT * FROM schedules WHERE name = ? AND paused = 0 {conn.LOCK_FOR_UPDATE}",
-                           (name,)).fetchone()
+                           (seen["name"],)).fetchone()
         if row is None:  # removed or paused meanwhile
             return []
-        schedule, low = Schedule(row), row["handled_until"]
-        running_since = supervised_since(conn, running_since, now)
-        missed = schedule.last_ticks(low, min(running_since, now), {
-            "latest": 1, "all": MAX_CATCH_UP, "none": 0}[row["catch_up"]]) if low < running_since else []
-        # A tick within a millisecond of the start may be in both: its second job is the same id, skipped.
-        on_time = schedule.ticks_between(max(low, running_since - 0.001), now, MAX_CATCH_UP)
+        name, low = row["name"], row["handled_until"]
+        if low != seen["handled_until"] or row["cron"] != seen["cron"] or row["tz"] != seen["tz"]:
+            planned = due_ticks(row, supervised_since(conn, running_since, now), now)
+        missed, on_time = planned
         last_job_id, last_tick, made = row["last_job_id"], row["last_tick_at"], []
         for tick in missed + on_time:
             if row["no_overlap"] and has_unended_job(conn, name):
                 continue  # an earlier job of the schedule has not ended: this tick is skipped
             job_id = tick_id(name, tick)
-            if insert_job_rows(conn, [schedule_job_row(row, job_id, tick, config, now)], if_absent=True):
+            if insert_schedule_job(conn, row, job_id, tick, config, now, if_absent=True):
                 made.append(job_id)
                 last_job_id, last_tick = job_id, tick
         handled = on_time[-1] if len(on_time) == MAX_CATCH_UP else max(low, now)  # the rest: next time
@@ -3140,6 +3177,14 @@ def fire_schedule(conn, name, running_since, now):
     return made
 
 
+def insert_schedule_job(conn, row, job_id, tick, config, now, if_absent=False):
+    """Insert the job a tick (or `schedule run`) makes, marked as the schedule's; whether it was new."""
+    if not insert_job_rows(conn, [schedule_job_row(row, job_id, tick, config, now)], if_absent=if_absent):
+        return False
+    conn.execute("UPDATE jobs SET schedule = ? WHERE id = ?", (row["name"], job_id))
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Worker registry and wake-ups
 # ---------------------------------------------------------------------------
@@ -3147,16 +3192,19 @@ def fire_schedule(conn, name, running_since, now):
 HOST = os.uname().nodename if hasattr(os, "uname") else "localhost"
 
 
-def register_process(conn, proc_id, kind, supervisor_id, queues, wake_addr=None, now=None):
+def register_process(conn, proc_id, kind, supervisor_id, queues, wake_addr=None, now=None, fires_schedules=False):
     """Add this process to the registry that `worker list` and `worker stop` read."""
     now = conn.now() if now is None else now
     with conn.transaction():
         conn.execute("""
-            INSERT INTO workers (id, kind, supervisor_id, host, pid, queues, started_at, heartbeat_at, wake_addr)
-            VALUES (:id, :kind, :supervisor_id, :host, :pid, :queues, :now, :now, :wake_addr)
-            ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, wake_addr = excluded.wake_addr
+            INSERT INTO workers (id, kind, supervisor_id, host, pid, queues, started_at, heartbeat_at, wake_addr,
+                                 fires_schedules)
+            VALUES (:id, :kind, :supervisor_id, :host, :pid, :queues, :now, :now, :wake_addr, :fires)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, wake_addr = excluded.wake_addr,
+                                           fires_schedules = excluded.fires_schedules
             """, {"id": proc_id, "kind": kind, "supervisor_id": supervisor_id, "host": HOST, "pid": os.getpid(),
-                  "queues": json.dumps(list(queues)), "now": now, "wake_addr": wake_addr})
+                  "queues": json.dumps(list(queues)), "now": now, "wake_addr": wake_addr,
+                  "fires": int(fires_schedules)})
 
 
 def heartbeat(conn, proc_id, now=None):
@@ -3955,7 +4003,8 @@ class Supervisor:
 
     def register(self):
         """Add (or add again) this supervisor to the registry."""
-        retry_busy(register_process, self.conn, self.supervisor_id, "supervisor", None, self.queues)
+        retry_busy(functools.partial(register_process, fires_schedules=not self.is_burst and not self.is_stopping),
+                   self.conn, self.supervisor_id, "supervisor", None, self.queues)
 
     # -- signals -----------------------------------------------------------
 
@@ -4056,6 +4105,8 @@ class Supervisor:
             kill_group(job_pid, signal.SIGKILL)
         settled = retry_busy(fail_lost_jobs, self.conn, "worker_id = :worker_id", {"worker_id": worker_id},
                              f"worker lost: process {process.pid} died ({how})")
+        for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
+            retry_busy(release_run_of_killed_worker, self.conn, job)  # canceled runs it was stopping
         retry_busy(unregister_process, self.conn, worker_id)
         jobs = ", ".join(f"job {job_id} is now {state}" for job_id, state in settled)
         log(f"worker {slot + 1} (pid {process.pid}) died ({how})" + (f"; {jobs}" if jobs else "")
@@ -4128,6 +4179,11 @@ class Supervisor:
         if self.is_stopping:
             return
         self.is_stopping = True
+        if self.conn is not None:
+            try:  # it fires schedules no more: their ticks from now on may be missed ones
+                self.conn.execute("UPDATE workers SET fires_schedules = 0 WHERE id = ?", (self.supervisor_id,))
+            except StorageError as e:
+                log(f"supervisor: {e}; others may count it as firing schedules until it exits")
         busy = sum(1 for pid in self.job_pids if pid)
         log(f"supervisor stopping ({why}); waiting for {busy} running job(s); "
             "a second Ctrl-C or SIGTERM aborts them")
@@ -4163,16 +4219,26 @@ class Supervisor:
             return
         try:
             for job in self.conn.execute(JOBS_OF_WORKER_SQL, {"worker_id": worker_id}).fetchall():
-                retry_busy(return_job_uncounted, self.conn, job)
+                if job["state"] == "processing":
+                    retry_busy(return_job_uncounted, self.conn, job)
+                else:  # canceled, its run being stopped: the run is over now
+                    retry_busy(release_run_of_killed_worker, self.conn, job)
         except StorageError as e:  # its lease expires instead
             log(f"could not return the job of a killed worker: {e}")
 
+# The jobs whose runs a worker held: processing, or canceled and being stopped.
 JOBS_OF_WORKER_SQL = """
-SELECT seq, lease_token, last_run, attempts, worker_id, run_host, started_at
+SELECT seq, state, lease_token, last_run, attempts, worker_id, run_host, started_at
 FROM jobs
-WHERE state = 'processing'
+WHERE lease_token IS NOT NULL
   AND worker_id = :worker_id
 """
+
+
+def release_run_of_killed_worker(conn, job):
+    """End the canceled run a killed worker was stopping, so a retry need not wait for its lease."""
+    with conn.transaction():
+        release_stopped_run(conn, job, RunResult(), conn.now())
 
 
 def kill_process(pid, signum):
@@ -4801,7 +4867,9 @@ def cmd_schedule_resume(args):
     """Fire schedules again, from now: the ticks missed while paused are not fired."""
     with closing(open_db(args)) as conn:
         change_schedules(conn, args.names, """
-            UPDATE schedules SET paused = 0, handled_until = CASE WHEN paused = 1 THEN :now ELSE handled_until END
+            UPDATE schedules
+            SET paused = 0,
+                handled_until = CASE WHEN paused = 1 AND handled_until < :now THEN :now ELSE handled_until END
             WHERE name = :name
             """)
     for name in dict.fromkeys(args.names):

@@ -304,7 +304,7 @@ def test_a_version_1_database_is_upgraded_with_its_counts(db):
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
                                 "canceled": 0}
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 6
     assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
     assert status()["jobs"]["completed"] == 0
 
@@ -4893,7 +4893,7 @@ def test_a_tick_that_came_while_a_supervisor_ran_is_not_missed_when_another_supe
     cli("init")
     conn = queuectl.connect(db)
     try:
-        queuectl.register_process(conn, "A", "supervisor", None, [], now=999.0)  # A, in the registry
+        queuectl.register_process(conn, "A", "supervisor", None, [], now=999.0, fires_schedules=True)  # A, in the registry
         queuectl.add_schedule(conn, "s", "@every 1s", "UTC", {"command": "true"}, "none", False, now=1000.0)
         assert queuectl.fire_due_schedules(conn, running_since=999.0, now=1000.9) == []  # A: nothing due yet
         queuectl.fire_due_schedules(conn, running_since=1001.1, now=1001.15)  # B, just started
@@ -4901,3 +4901,45 @@ def test_a_tick_that_came_while_a_supervisor_ran_is_not_missed_when_another_supe
         assert [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY id")] == [queuectl.tick_id("s", 1001)]
     finally:
         conn.close()
+
+
+def test_ticks_that_came_while_only_a_burst_supervisor_ran_were_missed(db):
+    # A --burst supervisor never fires schedules: its being alive must not
+    # make the ticks of its time count as on time.
+    cli("init")
+    conn = queuectl.connect(db)
+    try:
+        queuectl.register_process(conn, "B", "supervisor", None, [], now=999.0, fires_schedules=False)
+        queuectl.add_schedule(conn, "s", "@every 1s", "UTC", {"command": "true"}, "none", False, now=1000.0)
+        assert queuectl.fire_due_schedules(conn, running_since=1005.5, now=1005.6) == []
+    finally:
+        conn.close()
+
+
+def test_a_job_merely_named_like_a_schedules_does_not_hold_back_its_no_overlap(fast, pool):
+    enqueue("-c", "sleep 30", "--id", "solo@manual", "--queue", "elsewhere")  # pending: no worker takes it
+    first = schedule_add("solo", "@every 1s", "--tz", "UTC", "--no-overlap", "-c", "true")
+    proc = pool("--count", "1", "--queue", "default")
+    assert wait_until(lambda: len(tick_jobs("solo")) >= 2), log_text(proc)
+    assert first > 0
+
+
+@sqlite_only
+def test_a_version_5_database_is_upgraded_and_its_jobs_run(db):
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # what queuectl wrote at schema 5
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in (queuectl.SCHEMA_V1 + queuectl.SCHEMA_V2 + queuectl.SCHEMA_V3 + queuectl.SCHEMA_V4
+                          + queuectl.SCHEMA_V5):
+            conn.execute(statement)
+        conn.execute("INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, "
+                     "depends_on, deps_left, state, run_at, is_due, created_at, updated_at) "
+                     "VALUES ('old', 'echo old', 'default', 0, 3, 0, 0, '{}', '[]', 0, 'pending', 0, 1, 0, 0)")
+        conn.executemany("INSERT INTO job_counts (queue, state, n) VALUES ('default', ?, ?)",
+                         [(state, int(state == "pending")) for state in queuectl.STATES])
+        conn.execute("PRAGMA user_version = 5")
+        conn.commit()
+    burst()
+    job = show("old")
+    assert (job["state"], job["stdout"], [r["outcome"] for r in job["runs"]]) == ("completed", "old\n", ["completed"])
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 6
