@@ -3047,12 +3047,16 @@ def change_schedules(conn, names, sql, now=None):
             conn.execute(sql, {"name": row["name"], "now": now})
 
 
-def schedule_json(row, now):
-    """A schedules row as the contract's JSON object; next_tick_at is null while paused."""
+def schedule_json(row):
+    """A schedules row as the contract's JSON object; next_tick_at is null while paused.
+
+    next_tick_at is the first tick after the watermark: the next one to fire,
+    in the past while it waits for a supervisor.
+    """
     next_tick = None
     if not row["paused"]:
         try:
-            next_tick = Schedule(row).next_tick(max(row["handled_until"], now))
+            next_tick = Schedule(row).next_tick(row["handled_until"])  # the next to fire: maybe due already
         except UsageError:  # zone data gone since it was added
             next_tick = None
     return {
@@ -4809,7 +4813,7 @@ def cmd_schedule_add(args):
         check_template(spec, load_config(conn), conn.now())
         add_schedule(conn, name, args.cron, tz, spec, args.catch_up, args.no_overlap)
         row = get_schedules(conn, [name])[0]
-        print(f"added schedule {name}: next tick {schedule_json(row, conn.now())['next_tick_at']}")
+        print(f"added schedule {name}: next tick {schedule_json(row)['next_tick_at']}")
 
 
 def schedule_flags_job(args):
@@ -4825,8 +4829,7 @@ def schedule_flags_job(args):
 def cmd_schedule_list(args):
     """Every schedule, with its next tick."""
     with closing(open_db(args)) as conn:
-        now = conn.now()
-        schedules = [schedule_json(row, now) for row in get_schedules(conn)]
+        schedules = [schedule_json(row) for row in get_schedules(conn)]
     if args.json:
         return print_json(schedules)
     if not schedules:
@@ -4839,7 +4842,7 @@ def cmd_schedule_list(args):
 def cmd_schedule_show(args):
     """One schedule, every field."""
     with closing(open_db(args)) as conn:
-        schedule = schedule_json(get_schedules(conn, [args.name])[0], conn.now())
+        schedule = schedule_json(get_schedules(conn, [args.name])[0])
     if args.json:
         return print_json(schedule)
     for field, value in schedule.items():
