@@ -16,8 +16,11 @@ VPY := $(VENV)/bin/python
 # The tools, pinned so every developer and CI run the same versions.
 # All of them support Python 3.10 to 3.13.
 # psycopg is for the PostgreSQL half of the suite; the product needs it only
-# for a postgresql:// --db.
-TOOLS := pytest==9.2.0 pytest-xdist==3.8.0 ruff==0.17.6 vermin==1.9.2 "psycopg[binary]==3.3.9"
+# for a postgresql:// --db. Playwright drives the dashboard's browser tests in
+# the machine's own Chromium (it never downloads a browser; without Chromium
+# those tests skip).
+TOOLS := pytest==9.2.0 pytest-xdist==3.8.0 ruff==0.17.6 vermin==1.9.2 "psycopg[binary]==3.3.9" \
+	playwright==1.64.1
 
 # The stamp is touched only after pip succeeded, so an interrupted setup is
 # retried; it depends on the Makefile, so changing a pin above updates the

@@ -40,9 +40,12 @@ Exit codes: 0 done, 1 could not be done, 2 bad input, 124 `wait` timed out.
 """
 
 import argparse
+import codecs
 import collections
 import datetime
 import functools
+import heapq
+import itertools
 import json
 import math
 import os
@@ -51,7 +54,7 @@ import signal
 import sqlite3
 import sys
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 
 __version__ = "1.0.0"
 
@@ -125,6 +128,14 @@ class StorageError(QueueError):
     def __init__(self, message, kind="other"):
         super().__init__(message)
         self.kind = kind
+
+
+class NotFound(QueueError):
+    """No job or schedule of that name (exit 1; the dashboard's 404)."""
+
+
+class WrongState(QueueError):
+    """The job is not in a state the operation takes (exit 1; the dashboard's 409)."""
 
 
 class UsageError(QueueError):
@@ -2356,7 +2367,7 @@ def fetch_jobs(conn, ids, lock=""):
         row = conn.execute(f"SELECT * FROM jobs WHERE id = ? {lock}", (job_id,)).fetchone() if JOB_ID_RE.fullmatch(
             job_id) else None  # an id that breaks the rules cannot exist (and may not even encode)
         if row is None:
-            raise QueueError(f"job '{job_id}' not found")
+            raise NotFound(f"job '{job_id}' not found")
         jobs.append(row)
     return jobs
 
@@ -2374,7 +2385,7 @@ def cancel_jobs(conn, ids, now=None):
         jobs = fetch_jobs(conn, ids, conn.LOCK_FOR_UPDATE)
         for job in jobs:
             if job["state"] not in CANCELABLE_STATES:
-                raise QueueError(f"job '{job['id']}' is {job['state']}; only pending, failed or "
+                raise WrongState(f"job '{job['id']}' is {job['state']}; only pending, failed or "
                                  "processing jobs can be canceled")
         for job in jobs:
             # The lease token stays: the run is stopping, and until its worker
@@ -2403,7 +2414,7 @@ def retry_jobs(conn, ids=None, states=RETRYABLE_STATES, now=None):
             jobs = fetch_jobs(conn, ids, conn.LOCK_FOR_UPDATE)
         for job in jobs:
             if job["state"] not in states:
-                raise QueueError(f"job '{job['id']}' is {job['state']}; only {' or '.join(states)} jobs "
+                raise WrongState(f"job '{job['id']}' is {job['state']}; only {' or '.join(states)} jobs "
                                  "can be retried")
             if job["lease_token"] is not None:  # its canceled run is still being stopped: keep it
                 conn.execute(OPEN_RUN_SQL, run_identity(job))
@@ -2425,7 +2436,7 @@ def unmet_dependencies(conn, job):
     for dep in json.loads(job["depends_on"]):
         state = dependency_state(conn, dep)
         if state in ("dead", "canceled"):
-            raise QueueError(f"job '{job['id']}' depends on '{dep}', which is {state}; retry '{dep}' first")
+            raise WrongState(f"job '{job['id']}' depends on '{dep}', which is {state}; retry '{dep}' first")
         if state not in (None, "completed"):
             unmet += 1
     return unmet
@@ -3034,9 +3045,19 @@ def get_schedules(conn, names=None, lock=""):
         row = conn.execute(f"SELECT * FROM schedules WHERE name = ? {lock}", (name,)).fetchone() \
             if SCHEDULE_NAME_RE.fullmatch(name) else None
         if row is None:
-            raise QueueError(f"schedule '{name}' not found")
+            raise NotFound(f"schedule '{name}' not found")
         rows.append(row)
     return rows
+
+
+PAUSE_SCHEDULE_SQL = "UPDATE schedules SET paused = 1 WHERE name = :name"
+# From now: the ticks missed while paused are not fired, and the watermark never goes back.
+RESUME_SCHEDULE_SQL = """
+    UPDATE schedules
+    SET paused = 0,
+        handled_until = CASE WHEN paused = 1 AND handled_until < :now THEN :now ELSE handled_until END
+    WHERE name = :name
+    """
 
 
 def change_schedules(conn, names, sql, now=None):
@@ -4517,15 +4538,13 @@ def cmd_worker_list(args):
 def cmd_status(args):
     """Counts per state, live workers, and the oldest runnable job's age."""
     with closing(open_db_reaped(args)) as conn:
-        counts = count_by_state(conn)
-        processes = live_processes(conn)
-        age_s = oldest_runnable_age_s(conn)
-    workers = [p for p in processes if p["kind"] == "worker"]
+        status = status_json(conn)
+        supervisors = sum(1 for p in live_processes(conn, tidy=False) if p["kind"] == "supervisor")
     if args.json:
-        return print_json({"jobs": counts, "workers": workers, "oldest_runnable_age_s": age_s})
+        return print_json(status)
+    counts, workers, age_s = status["jobs"], status["workers"], status["oldest_runnable_age_s"]
     print_table(("STATE", "JOBS"), list(counts.items()))
     busy = sum(1 for w in workers if w["current_job"])
-    supervisors = len(processes) - len(workers)
     print(f"\nworkers: {len(workers)} alive ({busy} busy) under {supervisors} supervisor(s)")
     print("oldest runnable job: " + ("none waiting" if age_s is None else f"waiting {seconds_text(age_s)}"))
 
@@ -4559,8 +4578,7 @@ def print_jobs(rows, as_json):
 def cmd_show(args):
     """Every field of one job, its runs, its output."""
     with closing(open_db_reaped(args)) as conn:
-        row = get_job(conn, args.id)
-        job = dict(job_json(row), runs=[run_json(run) for run in runs_of(conn, row)])
+        job = show_json(conn, args.id)
     if args.json:
         return print_json(job)
     for field, value in job.items():
@@ -4861,7 +4879,7 @@ def cmd_schedule_remove(args):
 def cmd_schedule_pause(args):
     """Stop firing schedules."""
     with closing(open_db(args)) as conn:
-        change_schedules(conn, args.names, "UPDATE schedules SET paused = 1 WHERE name = :name")
+        change_schedules(conn, args.names, PAUSE_SCHEDULE_SQL)
     for name in dict.fromkeys(args.names):
         print(f"paused schedule {name}")
 
@@ -4869,12 +4887,7 @@ def cmd_schedule_pause(args):
 def cmd_schedule_resume(args):
     """Fire schedules again, from now: the ticks missed while paused are not fired."""
     with closing(open_db(args)) as conn:
-        change_schedules(conn, args.names, """
-            UPDATE schedules
-            SET paused = 0,
-                handled_until = CASE WHEN paused = 1 AND handled_until < :now THEN :now ELSE handled_until END
-            WHERE name = :name
-            """)
+        change_schedules(conn, args.names, RESUME_SCHEDULE_SQL)
     for name in dict.fromkeys(args.names):
         print(f"resumed schedule {name}")
 
@@ -4931,6 +4944,920 @@ def cmd_config_list(args):
     if args.json:
         return print_json(config)
     print_table(("KEY", "VALUE"), list(config.items()))
+
+
+# ---------------------------------------------------------------------------
+# Dashboard: the JSON API
+# ---------------------------------------------------------------------------
+#
+# `dashboard` serves one page (see "Dashboard: the page" below) and the JSON
+# API it is built on, the same shapes as the commands' --json. Each route is
+# a function of (conn, the path's parts, the query); the changes are the
+# very operations the commands call, so the CLI sees them at once.
+
+JOBS_PAGE = 50  # jobs a page of the job list has by default
+JOBS_PAGE_MAX = 500
+JOBS_WALKED = 5000  # a filtered page looks at most this many jobs, then says where it stopped
+
+
+def status_json(conn):
+    """`status --json`: counts per state, live workers, the oldest runnable job's age."""
+    counts = count_by_state(conn)
+    workers = [p for p in live_processes(conn) if p["kind"] == "worker"]
+    return {"jobs": counts, "workers": workers, "oldest_runnable_age_s": oldest_runnable_age_s(conn)}
+
+
+def show_json(conn, job_id):
+    """`show --json`: every field of the job and its runs."""
+    row = get_job(conn, job_id)
+    return dict(job_json(row), runs=[run_json(run) for run in runs_of(conn, row)])
+
+
+def page_of_jobs(conn, states=None, queue=None, text=None, limit=JOBS_PAGE, before=None):
+    """(rows, id to page on or None): jobs newest first, filtered, before the job `before`.
+
+    Every filter reads an index, newest first: one walk of jobs_by_state per
+    state (merged), or of jobs_by_queue, or of the primary key. A filter the
+    walked index does not hold (a queue beside states, the text) is applied
+    to at most JOBS_WALKED jobs a page; a page cut there has fewer jobs and
+    names where to go on, so no request ever reads the whole table.
+    """
+    below = get_job(conn, before)["seq"] if before is not None else LATEST_SEQ
+    walks = [("state = ?", [state]) for state in states] if states else [("queue = ?", [queue])] if queue else [
+        ("1 = 1", [])]
+    checks, check_params = [], []
+    if states and queue:
+        checks.append("queue = ?")
+        check_params.append(queue)
+    if text:
+        pattern = "%" + re.sub(r"([!%_])", r"!\1", text.lower()) + "%"
+        checks.append("(lower(id) LIKE ? ESCAPE '!' OR lower(command) LIKE ? ESCAPE '!')")
+        check_params += [pattern, pattern]
+    walked_at_most = JOBS_WALKED if checks else limit + 1
+    matches = f"({' AND '.join(checks)})" if checks else "1 = 1"
+    walked = heapq.merge(*(conn.execute(f"""
+        SELECT seq, id, {matches} AS matches
+        FROM jobs
+        WHERE {where} AND seq < ?
+        ORDER BY seq DESC
+        LIMIT {walked_at_most}
+        """, [*check_params, *params, below]).fetchall() for where, params in walks), key=lambda row: -row[0])
+    walked = list(itertools.islice(walked, walked_at_most))
+    found = [row for row in walked if row[2]]
+    if len(found) > limit:
+        found, next_id = found[:limit], found[limit - 1][1]
+    else:
+        next_id = walked[-1][1] if checks and len(walked) == walked_at_most else None
+    rows = fetch_by_seq(conn, [row[0] for row in found])
+    return rows, next_id
+
+
+LATEST_SEQ = 2**63 - 1  # above every job's seq
+
+
+def fetch_by_seq(conn, seqs):
+    """The job rows of seqs, in that order."""
+    if not seqs:
+        return []
+    rows = {row["seq"]: row for row in conn.execute(
+        f"SELECT * FROM jobs WHERE seq IN ({', '.join('?' for _ in seqs)})", seqs)}
+    return [rows[seq] for seq in seqs if seq in rows]
+
+
+def output_since(conn, job_id, run=None, stream="stdout", start=0):
+    """What a run printed on stream from byte start on, for the page's live tail (as `logs -f` reads it).
+
+    The kept tail is the last output_limit bytes: asked for bytes before
+    it, the answer starts at the tail and says how many were skipped. It
+    ends at a whole UTF-8 character unless the run has finished.
+    """
+    job = get_job(conn, job_id)
+    run = run or job["last_run"]
+    output = run_output(conn, job, run, stream) if run else (b"", 0, False)
+    if output is None:
+        raise NotFound(f"job '{job['id']}' has no run {run}")
+    data, written, finished = output
+    kept_from = written - len(data)
+    begin = min(max(start, kept_from), written)
+    chunk = data[begin - kept_from:]
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    text = decoder.decode(chunk, final=finished)
+    end = written - len(decoder.getstate()[0])
+    return {"run": run, "stream": stream, "from": begin, "to": end, "data": text, "written": written,
+            "skipped": max(kept_from - start, 0), "finished": finished, "state": job["state"],
+            "last_run": job["last_run"]}
+
+
+def api_jobs(conn, query):
+    """GET /api/jobs?state=S&queue=Q&q=TEXT&limit=N&before=ID"""
+    states = parse_states(query["state"]) if query.get("state") else None
+    queue = check_queue_name(query["queue"]) if query.get("queue") else None
+    limit = query_int(query, "limit", JOBS_PAGE, 1, JOBS_PAGE_MAX)
+    rows, next_id = page_of_jobs(conn, states, queue, query.get("q") or None, limit, query.get("before") or None)
+    return {"jobs": [job_json(row) for row in rows], "next": next_id}
+
+
+def api_output(conn, query, job_id):
+    """GET /api/jobs/ID/output?run=N&stream=stdout|stderr&from=B"""
+    stream = query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise UsageError(f"stream must be stdout or stderr, got {json.dumps(stream)}")
+    run = query_int(query, "run", None, 1, 2**62)
+    return output_since(conn, job_id, run, stream, query_int(query, "from", 0, 0, 2**62))
+
+
+def query_int(query, name, default, low, high):
+    """An integer query parameter from low to high, or default when absent."""
+    if name not in query:
+        return default
+    text = query[name]
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
+        raise UsageError(f"{name} must be a whole number from {low} to {high}, got {json.dumps(text)}")
+    return int(text)
+
+
+def api_cancel(conn, job_id):
+    """POST /api/jobs/ID/cancel: as `cancel`."""
+    (job,) = cancel_jobs(conn, [job_id])
+    if job["state"] == "processing":
+        conn.wake_workers()
+    return show_json(conn, job_id)
+
+
+def api_retry(conn, job_id):
+    """POST /api/jobs/ID/retry: as `retry`."""
+    retry_jobs(conn, [job_id])
+    conn.wake_workers()
+    return show_json(conn, job_id)
+
+
+def api_dlq_retry(conn):
+    """POST /api/dlq/retry: every dead job back to pending."""
+    retried = retry_jobs(conn, None, ("dead",))
+    if retried:
+        conn.wake_workers()
+    return {"count": len(retried)}
+
+
+def api_queue(conn, name, paused):
+    """POST /api/queues/Q/pause and /resume: the queue as `queue list --json` shows it."""
+    set_queues(conn, [check_queue_name(name)], "paused", int(paused))
+    conn.wake_workers()
+    return next((q for q in list_queues(conn) if q["queue"] == name),
+                {"queue": name, "paused": False, "limit": 0, "jobs": dict.fromkeys(STATES, 0),
+                 **dict.fromkeys(STATES, 0)})
+
+
+def api_schedule(conn, name, sql):
+    """POST /api/schedules/NAME/pause and /resume: the schedule as `schedule show --json`."""
+    change_schedules(conn, [name], sql)
+    return schedule_json(get_schedules(conn, [name])[0])
+
+
+def api_schedule_run(conn, name):
+    """POST /api/schedules/NAME/run: the job made, as `show --json`."""
+    job_id = run_schedule_now(conn, name)
+    conn.wake_workers()
+    return show_json(conn, job_id)
+
+
+# (method, path pattern, handler(conn, query, *path parts)). A part is one
+# path segment, percent-decoded: job ids may hold '@' and ':'.
+API_ROUTES = [
+    ("GET", r"/api/status", lambda conn, query: status_json(conn)),
+    ("GET", r"/api/jobs", api_jobs),
+    ("GET", r"/api/jobs/([^/]+)", lambda conn, query, job_id: show_json(conn, job_id)),
+    ("GET", r"/api/jobs/([^/]+)/why", lambda conn, query, job_id: explain_job(conn, job_id)),
+    ("GET", r"/api/jobs/([^/]+)/output", api_output),
+    ("GET", r"/api/queues", lambda conn, query: list_queues(conn)),
+    ("GET", r"/api/schedules", lambda conn, query: [schedule_json(row) for row in get_schedules(conn)]),
+    ("GET", r"/api/workers", lambda conn, query: live_processes(conn)),
+    ("POST", r"/api/jobs/([^/]+)/cancel", lambda conn, query, job_id: api_cancel(conn, job_id)),
+    ("POST", r"/api/jobs/([^/]+)/retry", lambda conn, query, job_id: api_retry(conn, job_id)),
+    ("POST", r"/api/dlq/retry", lambda conn, query: api_dlq_retry(conn)),
+    ("POST", r"/api/dlq/purge", lambda conn, query: {"count": purge_jobs(conn, ["dead"])}),
+    ("POST", r"/api/queues/([^/]+)/pause", lambda conn, query, name: api_queue(conn, name, True)),
+    ("POST", r"/api/queues/([^/]+)/resume", lambda conn, query, name: api_queue(conn, name, False)),
+    ("POST", r"/api/schedules/([^/]+)/pause", lambda conn, query, name: api_schedule(conn, name, PAUSE_SCHEDULE_SQL)),
+    ("POST", r"/api/schedules/([^/]+)/resume",
+     lambda conn, query, name: api_schedule(conn, name, RESUME_SCHEDULE_SQL)),
+    ("POST", r"/api/schedules/([^/]+)/run", lambda conn, query, name: api_schedule_run(conn, name)),
+]
+
+
+# ---------------------------------------------------------------------------
+# Dashboard: safety, snapshots and the server
+# ---------------------------------------------------------------------------
+#
+# Every request passes, in order: its Host must be one this server answers
+# to (a DNS-rebinding page's Host is its own name); it must carry the token
+# (query, cookie or bearer); a change must be a POST, from this very origin
+# when a browser sends it, and the dashboard not --read-only. GET answers are
+# snapshots shared by every client for DASHBOARD_SNAPSHOT_S, so a hundred
+# open pages read the database as often as one does.
+
+DASHBOARD_SNAPSHOT_S = 1.0
+DASHBOARD_PORT = 8765
+# Only the server itself; no inline script or style, no frames, no plugins.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SAFETY_HEADERS = [("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
+                  ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store")]
+
+
+class HttpError(Exception):
+    """A refusal: the status, and the one line its JSON body says."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+# The HTTP status of each error the queue operations raise.
+ERROR_STATUS = [(UsageError, 400), (NotFound, 404), (WrongState, 409), (StorageError, 503), (QueueError, 409)]
+
+
+class Dashboard:
+    """The requests of one `dashboard`: checked, routed, answered; one database connection, one at a time."""
+
+    def __init__(self, db_path, token, host, read_only):
+        import threading
+        self.db_path, self.token, self.host, self.read_only = db_path, token, host, read_only
+        self.port = None  # known once the server listens (--port 0)
+        self.lock = threading.Lock()  # one request at a time reaches the database
+        self.conn = None
+        self.snapshots = {}  # (path, query) -> (expires at, status, body)
+
+    def answer(self, method, target, headers):
+        """(status, [(header, value)], body bytes) for one request."""
+        import urllib.parse
+        url = urllib.parse.urlsplit(target)
+        query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+        extra = []
+        try:
+            self.check_host(headers.get("Host"))
+            via = self.check_token(query, headers)
+            if via == "query":
+                extra.append(("Set-Cookie", f"{self.cookie_name}={self.token}; HttpOnly; SameSite=Strict; Path=/"))
+            query.pop("token", None)
+            if not url.path.startswith("/api/"):
+                return self.page(method, url.path, extra)
+            route_method, handler, parts = self.route(url.path)
+            if route_method != method:
+                raise HttpError(405, f"{url.path} takes {route_method} only")
+            if method == "POST":
+                self.check_change(headers, via)
+                status, body = self.change(handler, query, parts)
+            else:
+                status, body = self.snapshot((url.path, tuple(sorted(query.items()))), handler, query, parts)
+        except HttpError as e:
+            status, body = e.status, json_body({"error": str(e)})
+        return status, [("Content-Type", "application/json"), *extra], body
+
+    def check_host(self, host):
+        """Refuse a Host this server does not answer to: a DNS-rebinding page names its own."""
+        match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::([0-9]{1,5}))?", (host or "").lower())
+        if not match or int(match[2] or 80) != self.port or not self.answers_to(match[1].strip("[]")):
+            raise HttpError(403, "the Host header does not name this dashboard")
+
+    def answers_to(self, name):
+        """Whether a Host's name is this server: its address; localhost or a loopback address if bound to
+        one; any address or this machine's name if bound to all."""
+        import socket
+        bound = self.host.lower().strip("[]")
+        if name == bound:
+            return True
+        if bound in ("0.0.0.0", "::"):
+            return name == "localhost" or is_ip_literal(name) or name in (socket.gethostname().lower(),
+                                                                           socket.getfqdn().lower())
+        return is_loopback(bound) and (name == "localhost" or is_ip_literal(name) and is_loopback(name))
+
+    @property
+    def cookie_name(self):
+        return f"queuectl_token_{self.port}"  # cookies ignore ports: one name per dashboard
+
+    def check_token(self, query, headers):
+        """How the request carried the token ('query', 'cookie', 'bearer'); 401 without it."""
+        import hmac
+        import http.cookies
+        given = {"query": query.get("token")}
+        scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
+        given["bearer"] = credentials.strip() if scheme.lower() == "bearer" else None
+        cookies = http.cookies.SimpleCookie()
+        try:
+            cookies.load(headers.get("Cookie") or "")
+        except http.cookies.CookieError:
+            pass
+        given["cookie"] = cookies[self.cookie_name].value if self.cookie_name in cookies else None
+        for via, token in given.items():
+            if token is not None and hmac.compare_digest(token.encode(), self.token.encode()):
+                return via
+        raise HttpError(401, "the dashboard's token is needed: open the address `queuectl dashboard` printed")
+
+    def check_change(self, headers, via):
+        """A change: refused when read-only, or from another origin (a cookie-borne POST must say its origin)."""
+        if self.read_only:
+            raise HttpError(403, "the dashboard is read-only")
+        origin = headers.get("Origin")
+        if origin is None and via == "cookie":
+            raise HttpError(403, "a change from a browser must carry its Origin")
+        if origin is not None and origin.lower() != "http://" + headers["Host"].lower():
+            raise HttpError(403, f"a change from another origin ({one_line(origin, 80)}) is refused")
+
+    def route(self, path):
+        """(method, handler, decoded path parts) of an API path; 404 if none."""
+        import urllib.parse
+        for method, pattern, handler in API_ROUTES:
+            match = re.fullmatch(pattern, path)
+            if match:
+                return method, handler, [urllib.parse.unquote(part) for part in match.groups()]
+        raise HttpError(404, f"no such route: {one_line(path, 80)}")
+
+    def snapshot(self, key, handler, query, parts):
+        """A GET's (status, body), computed at most once per DASHBOARD_SNAPSHOT_S for every client."""
+        with self.lock:
+            now = time.monotonic()
+            hit = self.snapshots.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1:]
+            status, body = self.call(handler, query, parts)
+            if len(self.snapshots) > 1000:  # forget the stale ones now and then
+                self.snapshots = {k: v for k, v in self.snapshots.items() if v[0] > now}
+            self.snapshots[key] = (time.monotonic() + DASHBOARD_SNAPSHOT_S, status, body)
+            return status, body
+
+    def change(self, handler, query, parts):
+        """A POST's (status, body); every snapshot is stale after it."""
+        with self.lock:
+            self.snapshots.clear()
+            return self.call(handler, query, parts)
+
+    def call(self, handler, query, parts):
+        """Run a route's handler on the connection (opened again after it dropped)."""
+        try:
+            if self.conn is None:
+                self.conn = connect(self.db_path)
+                self.last_reap = 0.0
+            if time.monotonic() - self.last_reap >= DASHBOARD_SNAPSHOT_S:
+                reap_if_possible(self.conn)  # jobs of a vanished worker show as what they are now
+                self.last_reap = time.monotonic()
+            return 200, json_body(handler(self.conn, query, *parts))
+        except QueueError as e:
+            if isinstance(e, StorageError) and e.kind in ("lost", "corrupt"):
+                self.close()
+            status = next(status for kind, status in ERROR_STATUS if isinstance(e, kind))
+            return status, json_body({"error": str(e)})
+
+    def page(self, method, path, extra):
+        """The page and its two files; GET only."""
+        files = {"/": ("text/html; charset=utf-8", PAGE_HTML), "/app.js": ("text/javascript; charset=utf-8", PAGE_JS),
+                 "/app.css": ("text/css; charset=utf-8", PAGE_CSS)}
+        if path not in files:
+            raise HttpError(404, f"no such page: {one_line(path, 80)}")
+        if method != "GET":
+            raise HttpError(405, f"{path} takes GET only")
+        content_type, text = files[path]
+        return 200, [("Content-Type", content_type), *extra], text.encode()
+
+    def close(self):
+        """Let go of the database connection (a later request opens another)."""
+        if self.conn is not None:
+            with suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+
+def json_body(document):
+    """JSON bytes with <, > and & escaped: a body never holds markup, whatever a job printed."""
+    text = json.dumps(document, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def is_ip_literal(name):
+    """Whether name is an IPv4 or IPv6 address rather than a host name."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def is_loopback(host):
+    """Whether host is localhost or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_token(text):
+    """A request line or log text without the token's value."""
+    return re.sub(r"(token=)[^&\s]*", r"\1***", text)
+
+
+def serve_dashboard(dashboard, host, port):
+    """The listening server: a thread per request, each answered by dashboard."""
+    import http.server
+    import socket
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "queuectl"
+        sys_version = ""
+
+        def do_GET(self):
+            self.respond("GET")
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if 0 < length <= 1 << 20:
+                self.rfile.read(length)  # no route takes a body; read it so the client is not cut off
+            self.respond("POST")
+
+        def respond(self, method):
+            status, headers, body = dashboard.answer(method, self.path, self.headers)
+            self.send_response(status)
+            for name, value in [*headers, *SAFETY_HEADERS, ("Content-Length", str(len(body)))]:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_request(self, code="-", size="-"):
+            path = redact_token(self.path)
+            print(f"{self.command} {path} {code}", file=sys.stderr, flush=True)
+
+        def log_message(self, format, *args):  # errors of http.server itself (bad request lines)
+            print(redact_token(format % args), file=sys.stderr, flush=True)
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    try:
+        return Server((host.strip("[]"), port), Handler)
+    except OSError as e:
+        raise QueueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def cmd_dashboard(args):
+    """Serve the page and its API on this database until SIGINT or SIGTERM."""
+    import secrets
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0 (any free port) to 65535, got {args.port}")
+    token = os.environ.get("QUEUECTL_DASHBOARD_TOKEN") or secrets.token_urlsafe(24)
+    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{1,256}", token):
+        raise UsageError("$QUEUECTL_DASHBOARD_TOKEN must be 1-256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+    with closing(open_db(args)):
+        pass  # a database that cannot be opened fails now, not at the first request
+    dashboard = Dashboard(args.db_path, token, args.host, args.read_only)
+    server = serve_dashboard(dashboard, args.host, args.port)
+    dashboard.port = server.server_address[1]
+    address = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
+    if not is_loopback(args.host):
+        reach = "read every job's command and output" if args.read_only else "read, cancel, retry and purge jobs"
+        print(f"queuectl: warning: the dashboard listens beyond this machine ({address}:{dashboard.port}); "
+              f"anyone who can reach it with the token can {reach}", file=sys.stderr, flush=True)
+    print(f"http://{address}:{dashboard.port}/?token={token}", flush=True)
+
+    def stop(signum, frame):
+        raise DashboardStopped(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except DashboardStopped:
+        pass
+    finally:
+        server.server_close()
+        dashboard.close()
+    return 0
+
+
+class DashboardStopped(Exception):
+    """SIGINT or SIGTERM: leaves serve_forever in the main thread."""
+
+
+# ---------------------------------------------------------------------------
+# Dashboard: the page (HTML, CSS, JavaScript)
+# ---------------------------------------------------------------------------
+#
+# Plain text, served as it is: no framework, nothing fetched from elsewhere.
+# The script builds every piece of job text with textContent, never as
+# markup, and reads only the JSON API above. Routes are the URL's hash:
+# #/ the overview and job list, #/jobs/ID one job.
+
+PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>queuectl</title>
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1><a href="#/">queuectl</a></h1>
+  <span id="updated" class="muted"></span>
+</header>
+<p id="error" role="alert" hidden></p>
+
+<main id="overview">
+  <ul id="counts"></ul>
+
+  <section>
+    <h2>Queues</h2>
+    <div class="scroll"><table id="queues">
+      <thead><tr><th>Queue</th><th>Paused</th><th>Limit</th><th>Pending</th><th>Processing</th><th>Failed</th>
+        <th>Dead</th><th>Completed</th><th></th></tr></thead>
+      <tbody></tbody>
+    </table></div>
+  </section>
+
+  <section>
+    <h2>Workers</h2>
+    <div class="scroll"><table id="workers">
+      <thead><tr><th>Worker</th><th>Host</th><th>Pid</th><th>Queues</th><th>Started</th><th>Current job</th></tr></thead>
+      <tbody></tbody>
+    </table></div>
+  </section>
+
+  <section>
+    <h2>Schedules</h2>
+    <div class="scroll"><table id="schedules">
+      <thead><tr><th>Name</th><th>Cron</th><th>Zone</th><th>Next tick</th><th>Last job</th><th>Command</th>
+        <th></th></tr></thead>
+      <tbody></tbody>
+    </table></div>
+  </section>
+
+  <section>
+    <h2>Jobs</h2>
+    <form id="filter">
+      <select name="state" aria-label="state">
+        <option value="">every state</option>
+        <option>pending</option><option>processing</option><option>failed</option>
+        <option>dead</option><option>completed</option><option>canceled</option>
+      </select>
+      <input name="queue" placeholder="queue" aria-label="queue" autocomplete="off">
+      <input name="q" type="search" placeholder="id or command" aria-label="search" autocomplete="off">
+      <button type="submit">Filter</button>
+      <span class="spacer"></span>
+      <button type="button" id="dlq-retry">Retry every dead job</button>
+      <button type="button" id="dlq-purge" class="danger">Purge every dead job</button>
+    </form>
+    <div class="scroll"><table id="jobs">
+      <thead><tr><th>Id</th><th>State</th><th>Queue</th><th>Attempts</th><th>Updated</th><th>Command</th></tr></thead>
+      <tbody></tbody>
+    </table></div>
+    <p class="pager"><button type="button" id="newest" hidden>Newest</button>
+      <button type="button" id="older" hidden>Older</button></p>
+  </section>
+</main>
+
+<main id="job" hidden>
+  <p><a href="#/">All jobs</a></p>
+  <h2 id="job-title"></h2>
+  <p class="actions">
+    <button type="button" id="job-cancel" class="danger">Cancel</button>
+    <button type="button" id="job-retry">Retry</button>
+  </p>
+  <ul id="job-why"></ul>
+  <div class="scroll"><table id="job-fields" class="fields"><tbody></tbody></table></div>
+  <h3>Runs</h3>
+  <div class="scroll"><table id="job-runs">
+    <thead><tr><th>Run</th><th>Attempt</th><th>Outcome</th><th>Exit</th><th>Started</th><th>Finished</th>
+      <th>Worker</th><th>Host</th><th>Error</th></tr></thead>
+    <tbody></tbody>
+  </table></div>
+  <h3>Output <select id="job-run" aria-label="run"></select></h3>
+  <pre id="job-output"></pre>
+  <h3>Errors (stderr)</h3>
+  <pre id="job-stderr"></pre>
+</main>
+</body>
+</html>
+"""
+
+PAGE_CSS = """
+:root {
+  --bg: #fff; --fg: #1d2027; --muted: #6a707c; --line: #e3e5e9; --panel: #f6f7f9; --accent: #2458d6;
+  --pending: #8a6d00; --processing: #2458d6; --completed: #1c7c3c; --failed: #b3541e; --dead: #b4232a;
+  --canceled: #6a707c;
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #15171c; --fg: #e4e6eb; --muted: #9aa0ab; --line: #2c3038; --panel: #1d2026; --accent: #7ea6ff;
+    --pending: #e0b93c; --processing: #7ea6ff; --completed: #5cc27e; --failed: #f08c54; --dead: #ff6b70;
+    --canceled: #9aa0ab;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1200px; padding: 0 16px 32px; background: var(--bg); color: var(--fg); }
+a { color: var(--accent); }
+header { display: flex; align-items: baseline; gap: 16px; padding: 12px 0; border-bottom: 1px solid var(--line); }
+h1 { font-size: 20px; margin: 0; } h1 a { color: inherit; text-decoration: none; }
+h2 { font-size: 16px; margin: 24px 0 8px; } h3 { font-size: 14px; margin: 20px 0 6px; }
+.muted { color: var(--muted); font-size: 12px; }
+#error { background: var(--dead); color: #fff; padding: 8px 12px; border-radius: 6px; }
+#counts { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 8px;
+  list-style: none; padding: 0; margin: 16px 0 0; }
+#counts a { display: block; padding: 10px 12px; border: 1px solid var(--line); border-radius: 8px;
+  background: var(--panel); color: var(--fg); text-decoration: none; }
+#counts .n { display: block; font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
+#counts li[aria-current] a { outline: 2px solid var(--accent); }
+.scroll { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); white-space: nowrap;
+  vertical-align: top; }
+tbody tr:last-child td { border-bottom: 0; }
+th { font-weight: 600; color: var(--muted); background: var(--panel); font-size: 12px; }
+td.num { font-variant-numeric: tabular-nums; text-align: right; }
+td.command, td.text { white-space: pre-wrap; word-break: break-all; max-width: 480px;
+  font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; }
+.fields th { width: 1%; }
+td.empty { color: var(--muted); text-align: center; }
+.state { font-weight: 600; }
+.state.pending { color: var(--pending); } .state.processing { color: var(--processing); }
+.state.completed { color: var(--completed); } .state.failed { color: var(--failed); }
+.state.dead { color: var(--dead); } .state.canceled { color: var(--canceled); }
+form { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 8px; align-items: center; }
+.spacer { flex: 1; }
+input, select, button { font: inherit; color: inherit; background: var(--bg); border: 1px solid var(--line);
+  border-radius: 6px; padding: 5px 9px; }
+button { cursor: pointer; background: var(--panel); }
+button:hover { border-color: var(--accent); }
+button.danger { color: var(--dead); }
+button[disabled] { opacity: .5; cursor: default; }
+td button { padding: 2px 8px; font-size: 12px; }
+pre { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px;
+  max-height: 480px; overflow: auto; white-space: pre-wrap; word-break: break-all; font-size: 12px; }
+.pager { display: flex; gap: 8px; }
+#job-why { padding-left: 18px; }
+@media (max-width: 640px) {
+  body { padding: 0 10px 24px; }
+  #counts { grid-template-columns: repeat(3, 1fr); }
+  .spacer { display: none; }
+  td.command { max-width: 240px; }
+}
+"""
+
+PAGE_JS = r"""
+"use strict";
+const STATES = ["pending", "processing", "failed", "dead", "completed", "canceled"];
+const $ = (selector) => document.querySelector(selector);
+const view = { filter: { state: "", queue: "", q: "" }, before: null, next: null, job: null, run: null, tails: {} };
+let timer = null;  // the next refresh
+
+// One element, its children given as nodes or text (text is never parsed as markup).
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key.startsWith("data-") || key.startsWith("aria-")) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(path, method = "GET") {
+  const response = await fetch(path, { method, credentials: "same-origin", headers: { Accept: "application/json" } });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+const q = encodeURIComponent;
+const time = (iso) => (iso ? iso.slice(0, 19).replace("T", " ") : "-");
+const stateCell = (state) => el("td", { className: `state ${state}` }, state);
+
+function fill(tbody, rows, columns, empty) {
+  tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { className: "empty", colSpan: columns }, empty))]));
+}
+
+function button(label, action, onClick, className = "") {
+  return el("button", { type: "button", className, "data-action": action, onclick: onClick }, label);
+}
+
+// A change, asked for once more when it destroys; the page refreshes after it.
+async function change(path, question) {
+  if (question && !window.confirm(question)) return;
+  try {
+    await api(path, "POST");
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+  refresh();
+}
+
+// An error stays until the next change, or, if a refresh failed, until one succeeds.
+let errorFromRefresh = false;
+function showError(text, fromRefresh = false) {
+  $("#error").textContent = text;
+  $("#error").hidden = !text;
+  errorFromRefresh = fromRefresh && Boolean(text);
+}
+
+// --- the overview -----------------------------------------------------------
+
+function renderCounts(status) {
+  $("#counts").replaceChildren(...STATES.map((state) => {
+    const item = el("li", { "data-state": state },
+      el("a", { href: "#/", onclick: (event) => { event.preventDefault(); filterBy({ state: view.filter.state === state ? "" : state }); } },
+        el("span", { className: "n" }, status.jobs[state]), el("span", { className: `state ${state}` }, state)));
+    if (view.filter.state === state) item.setAttribute("aria-current", "true");
+    return item;
+  }));
+}
+
+function renderQueues(queues) {
+  fill($("#queues tbody"), queues.map((queue) => el("tr", { "data-queue": queue.queue },
+    el("td", {}, el("a", { href: "#/", onclick: (event) => { event.preventDefault(); filterBy({ queue: queue.queue }); } }, queue.queue)),
+    el("td", {}, queue.paused ? "paused" : "no"), el("td", { className: "num" }, queue.limit || "-"),
+    ...["pending", "processing", "failed", "dead", "completed"].map((state) => el("td", { className: "num" }, queue.jobs[state])),
+    el("td", {}, queue.paused
+      ? button("Resume", "resume", () => change(`/api/queues/${q(queue.queue)}/resume`))
+      : button("Pause", "pause", () => change(`/api/queues/${q(queue.queue)}/pause`))))), 9, "no queues");
+}
+
+function renderWorkers(workers) {
+  fill($("#workers tbody"), workers.filter((w) => w.kind === "worker").map((worker) => el("tr", { "data-worker": worker.id },
+    el("td", {}, worker.id), el("td", {}, worker.host), el("td", { className: "num" }, worker.pid),
+    el("td", {}, worker.queues.length ? worker.queues.join(", ") : "all"), el("td", {}, time(worker.started_at)),
+    el("td", {}, worker.current_job ? el("a", { href: `#/jobs/${q(worker.current_job)}` }, worker.current_job) : "idle"))),
+  6, "no workers are running");
+}
+
+function renderSchedules(schedules) {
+  fill($("#schedules tbody"), schedules.map((s) => el("tr", { "data-schedule": s.name },
+    el("td", {}, s.name), el("td", {}, s.cron), el("td", {}, s.tz),
+    el("td", {}, s.paused ? "paused" : time(s.next_tick_at)),
+    el("td", {}, s.last_job_id ? el("a", { href: `#/jobs/${q(s.last_job_id)}` }, s.last_job_id) : "-"),
+    el("td", { className: "command" }, s.job.command || ""),
+    el("td", {},
+      s.paused ? button("Resume", "resume", () => change(`/api/schedules/${q(s.name)}/resume`))
+               : button("Pause", "pause", () => change(`/api/schedules/${q(s.name)}/pause`)),
+      " ", button("Run now", "run", () => change(`/api/schedules/${q(s.name)}/run`))))), 7, "no schedules");
+}
+
+function renderJobs(page) {
+  fill($("#jobs tbody"), page.jobs.map((job) => el("tr", { "data-job": job.id },
+    el("td", {}, el("a", { href: `#/jobs/${q(job.id)}` }, job.id)), stateCell(job.state), el("td", {}, job.queue),
+    el("td", { className: "num" }, job.attempts), el("td", {}, time(job.updated_at)),
+    el("td", { className: "command" }, job.command))), 6, page.next ? "none here: look further with Older" : "no jobs");
+  view.next = page.next;
+  $("#older").hidden = !page.next;
+  $("#newest").hidden = !view.before;
+}
+
+function jobsPath() {
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(view.filter)) if (value) params.set(key, value);
+  if (view.before) params.set("before", view.before);
+  return `/api/jobs?${params}`;
+}
+
+function filterBy(changes) {
+  Object.assign(view.filter, changes);
+  const form = $("#filter");
+  for (const key of ["state", "queue", "q"]) form.elements[key].value = view.filter[key];
+  view.before = null;
+  refresh();
+}
+
+async function refreshOverview(generation) {
+  const [status, queues, workers, schedules, jobs] = await Promise.all(
+    ["/api/status", "/api/queues", "/api/workers", "/api/schedules", jobsPath()].map((path) => api(path)));
+  if (generation !== refreshes) return;
+  renderCounts(status);
+  renderQueues(queues);
+  renderWorkers(workers);
+  renderSchedules(schedules);
+  renderJobs(jobs);
+}
+
+// --- one job ----------------------------------------------------------------
+
+function renderJob(job, why) {
+  $("#job-title").textContent = job.id;
+  $("#job-cancel").disabled = !["pending", "failed", "processing"].includes(job.state);
+  $("#job-retry").disabled = !["dead", "canceled"].includes(job.state);
+  $("#job-why").replaceChildren(...why.reasons.map((reason) => el("li", { "data-code": reason.code }, reason.text)));
+  const fields = Object.entries(job).filter(([key]) => !["runs", "stdout", "stderr"].includes(key));
+  $("#job-fields tbody").replaceChildren(...fields.map(([key, value]) => el("tr", { "data-field": key },
+    el("th", {}, key),
+    key === "state" ? stateCell(value) : el("td", { className: "text" },
+      value === null ? "-" : typeof value === "object" ? JSON.stringify(value) : value))));
+  fill($("#job-runs tbody"), job.runs.map((run) => el("tr", { "data-run": run.run },
+    el("td", { className: "num" }, run.run), el("td", { className: "num" }, run.attempt),
+    el("td", { className: `state ${run.outcome === "running" ? "processing" : run.outcome === "completed" ? "completed" : "failed"}` }, run.outcome),
+    el("td", { className: "num" }, run.exit_code ?? "-"), el("td", {}, time(run.started_at)), el("td", {}, time(run.finished_at)),
+    el("td", {}, run.worker || "-"), el("td", {}, run.host || "-"), el("td", { className: "text" }, run.error || "-"))),
+  9, "not run yet");
+  const picker = $("#job-run");
+  const runs = job.runs.map((run) => String(run.run));
+  if (picker.options.length !== runs.length) {
+    picker.replaceChildren(...runs.map((run) => el("option", { value: run }, `run ${run}`)));
+    if (!view.run) picker.value = runs[runs.length - 1] || "";
+  }
+  picker.hidden = !runs.length;
+}
+
+// A run's output, read from where the page left off, as `logs -f` reads it.
+async function tail(stream, target, generation) {
+  const run = view.run || (view.job && view.job.runs.length ? view.job.runs[view.job.runs.length - 1].run : null);
+  const key = `${view.job.id} ${run} ${stream}`;
+  let seen = view.tails[stream];
+  if (!seen || seen.key !== key) {
+    seen = view.tails[stream] = { key, to: 0 };
+    target.textContent = "";
+  }
+  if (!run) {
+    target.textContent = view.job[stream] || "";  // never run: nothing, or what it kept from before runs were kept
+    return;
+  }
+  const part = await api(`/api/jobs/${q(view.job.id)}/output?run=${run}&stream=${stream}&from=${seen.to}`);
+  if (generation !== refreshes) return;  // a newer refresh reads it
+  if (part.skipped) target.append(`[${part.skipped} bytes skipped]\n`);
+  if (part.data) target.append(part.data);
+  seen.to = part.to;
+}
+
+async function refreshJob(id, generation) {
+  const [job, why] = await Promise.all([api(`/api/jobs/${q(id)}`), api(`/api/jobs/${q(id)}/why`)]);
+  if (generation !== refreshes) return;
+  view.job = job;
+  renderJob(job, why);
+  await Promise.all([tail("stdout", $("#job-output"), generation), tail("stderr", $("#job-stderr"), generation)]);
+}
+
+// --- routing and the refresh loop -------------------------------------------
+
+function route() {
+  const match = location.hash.match(/^#\/jobs\/(.+)$/);
+  const id = match ? decodeURIComponent(match[1]) : null;
+  $("#overview").hidden = Boolean(id);
+  $("#job").hidden = !id;
+  if (!view.job || view.job.id !== id) {
+    view.job = id ? { id, runs: [] } : null;
+    view.run = null;
+    view.tails = {};
+    $("#job-run").replaceChildren();
+  }
+  return id;
+}
+
+// Each refresh has a number; only the latest renders and sets the next timer,
+// so a click during a refresh never starts a second loop.
+let refreshes = 0;
+async function refresh() {
+  clearTimeout(timer);
+  const generation = ++refreshes;
+  const id = route();
+  try {
+    if (id) await refreshJob(id, generation);
+    else await refreshOverview(generation);
+    if (errorFromRefresh) showError("");
+    $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    if (generation === refreshes) showError(error.message, true);
+  }
+  if (generation !== refreshes) return;
+  if (document.visibilityState === "visible") {
+    const running = id && view.job && view.job.state === "processing";
+    timer = setTimeout(refresh, running ? 1000 : 2000);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  if (location.search.includes("token=")) history.replaceState(null, "", "/" + location.hash);  // the cookie has it now
+  $("#filter").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.target.elements;
+    filterBy({ state: form.state.value, queue: form.queue.value.trim(), q: form.q.value.trim() });
+  });
+  $("#older").addEventListener("click", () => { view.before = view.next; refresh(); });
+  $("#newest").addEventListener("click", () => { view.before = null; refresh(); });
+  $("#dlq-retry").addEventListener("click", () => change("/api/dlq/retry"));
+  $("#dlq-purge").addEventListener("click", () => change("/api/dlq/purge", "Delete every dead job for good?"));
+  $("#job-cancel").addEventListener("click", () => change(`/api/jobs/${q(view.job.id)}/cancel`, `Cancel ${view.job.id}?`));
+  $("#job-retry").addEventListener("click", () => change(`/api/jobs/${q(view.job.id)}/retry`));
+  $("#job-run").addEventListener("change", (event) => { view.run = Number(event.target.value); refresh(); });
+  window.addEventListener("hashchange", refresh);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") refresh();
+    else clearTimeout(timer);
+  });
+  refresh();
+});
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -5655,6 +6582,11 @@ def build_parser():
     config_set.add_argument("key")
     config_set.add_argument("value")
     command("list", cmd_config_list, "every setting", [as_json], config_commands)
+
+    dashboard = command("dashboard", cmd_dashboard, "serve a web page and JSON API for this database")
+    dashboard.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=DASHBOARD_PORT, help="default 8765; 0 picks a free port")
+    dashboard.add_argument("--read-only", action="store_true", help="refuse every change")
 
     command("demo", cmd_demo, "show the whole life of a queue in a few seconds")
     bench = command("bench", cmd_bench, "measure this machine against the performance targets")
