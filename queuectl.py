@@ -618,9 +618,10 @@ SCHEMA_V6 = schema_v6("TEXT")
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 6
-SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6}
-OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules"}
+SCHEMA_VERSION = 7
+# Version 7 is PostgreSQL's job_counts (SQLite has kept its own since version 2).
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6, 7: []}
+OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules", "job_count_changes"}
 
 
 # ---------------------------------------------------------------------------
@@ -806,6 +807,11 @@ def if_possible(conn, operation, *args):
         if e.kind not in ("busy", "readonly"):
             raise
         return None
+
+
+def fold_counts(conn):
+    """Keep the counts' pending changes few (PostgreSQL; see PG_SCHEMA_V7)."""
+    conn.fold_counts()
 
 
 # Whether a queue's jobs are not claimed now: it is paused, or has as many runs
@@ -1101,6 +1107,9 @@ class SqliteEngine(Engine):
         self.executemany("UPDATE job_counts SET n = n + ? WHERE queue = ? AND state = ?",
                          [(n, queue, state) for (queue, state), n in counts.items()])
 
+    def fold_counts(self):
+        """Nothing to do: the triggers keep job_counts itself exact."""
+
     def has_work(self, queues, paused=()):
         """Whether a job of queues (all when empty) is processing, or pending or failed and not paused."""
         queue_filter = f"AND queue IN ({', '.join('?' for _ in queues)})" if queues else ""
@@ -1323,7 +1332,46 @@ PG_SCHEMA_V5 = [
     """,
 ]
 
-PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text")}  # PostgreSQL came with version 3: its first step is the whole schema
+# Version 7: `status`, `queue list` and the dashboard read counts instead of
+# counting every job (100,000 jobs took 75 ms). One row per (queue, state)
+# changed by every worker of every host would be the hottest row in the
+# database, so changes are appended instead, never updated: a row in
+# job_count_changes per state change and per queue and state of a DELETE
+# statement (triggers), and of a batch of new jobs (add_to_counts: a trigger
+# would fire for each row of an executemany). fold_counts() moves them into
+# job_counts now and then. job_counts plus its changes is the count, in any
+# snapshot.
+PG_SCHEMA_V7 = [
+    "LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE",  # no job changes state between the count and the triggers
+    "CREATE TABLE job_counts (queue text NOT NULL, state text NOT NULL, n bigint NOT NULL, PRIMARY KEY (queue, state))",
+    "CREATE TABLE job_count_changes (queue text NOT NULL, state text NOT NULL, n bigint NOT NULL)",
+    "INSERT INTO job_counts (queue, state, n) SELECT queue, state, count(*) FROM jobs GROUP BY queue, state",
+    """
+    CREATE FUNCTION count_state_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO job_count_changes (queue, state, n) VALUES (OLD.queue, OLD.state, -1), (NEW.queue, NEW.state, 1);
+        RETURN NULL;
+    END $$
+    """,
+    """
+    CREATE TRIGGER job_counts_on_update AFTER UPDATE OF state ON jobs
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION count_state_change()
+    """,
+    """
+    CREATE FUNCTION count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO job_count_changes (queue, state, n) SELECT queue, state, -count(*) FROM old_jobs GROUP BY queue, state;
+        RETURN NULL;
+    END $$
+    """,
+    """
+    CREATE TRIGGER job_counts_on_delete AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION count_deleted_jobs()
+    """,
+]
+
+# PostgreSQL came with version 3: its first step is the whole schema.
+PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text"), 7: PG_SCHEMA_V7}
 CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
@@ -1561,12 +1609,27 @@ class PostgresEngine(Engine):
     # -- the counts ----------------------------------------------------------------
 
     def count_jobs(self):
-        """{(queue, state): count}, counted."""
-        return {(row[0], row[1]): row[2] for row in
-                self.execute("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
+        """{(queue, state): count}: job_counts and the changes not folded into it yet, in one snapshot."""
+        return {(row[0], row[1]): int(row[2]) for row in self.execute("""
+            SELECT queue, state, sum(n)
+            FROM (SELECT queue, state, n FROM job_counts UNION ALL SELECT queue, state, n FROM job_count_changes) AS c
+            GROUP BY queue, state
+            """)}
 
     def add_to_counts(self, counts):
-        """Nothing to keep: jobs are counted when asked."""
+        """Count a batch of new jobs ({(queue, state): n}), appended to job_count_changes (see PG_SCHEMA_V7)."""
+        self.executemany("INSERT INTO job_count_changes (queue, state, n) VALUES (?, ?, ?)",
+                         [(queue, state, n) for (queue, state), n in counts.items()])
+
+    def fold_counts(self):
+        """Move the counted changes into job_counts: each change is moved once, even by two hosts at a time."""
+        with self.transaction():
+            self.execute("""
+                WITH moved AS (DELETE FROM job_count_changes RETURNING queue, state, n)
+                INSERT INTO job_counts (queue, state, n)
+                SELECT queue, state, sum(n) FROM moved GROUP BY queue, state
+                ON CONFLICT (queue, state) DO UPDATE SET n = job_counts.n + excluded.n
+                """)
 
     def has_work(self, queues, paused=()):
         """Whether a job of queues (all when empty) is processing, or pending or failed and not paused."""
@@ -4170,6 +4233,7 @@ class Supervisor:
             self.stop_requested = self.stop_requested or bool(stop_requested)
             for job_id, state in retry_busy(reap_expired_leases, self.conn):
                 log(f"job {job_id} lost its worker (lease expired); it is now {state}")
+            retry_busy(fold_counts, self.conn)
             self.next_beat = now + min(config["lease_timeout"] / 3, 1.0)
         if self.stop_requested:
             self.stop_requested = False
@@ -5300,6 +5364,7 @@ class Dashboard:
                 self.last_reap = 0.0
             if time.monotonic() - self.last_reap >= DASHBOARD_SNAPSHOT_S:
                 reap_if_possible(self.conn)  # jobs of a vanished worker show as what they are now
+                if_possible(self.conn, fold_counts)
                 self.last_reap = time.monotonic()
             return 200, json_body(handler(self.conn, query, *parts))
         except QueueError as e:

@@ -60,8 +60,10 @@ def db(tmp_path, monkeypatch):
         monkeypatch.setenv("QUEUECTL_DB", PG_URL)
         yield PG_URL
         disagreeing = pg_jobs_whose_runs_disagree(schema)
+        kept, counted = pg_counts_kept_and_counted(schema)
         drop_pg_schema(schema)
         assert disagreeing == []
+        assert kept == counted
         return
     path = str(tmp_path / "q.db")
     monkeypatch.setenv("QUEUECTL_DB", path)
@@ -106,6 +108,22 @@ def pg_jobs_whose_runs_disagree(schema):
             return []
         conn.execute(f'SET search_path TO "{schema}"')
         return conn.execute(DISAGREEING_RUNS_SQL).fetchall()
+
+
+def pg_counts_kept_and_counted(schema):
+    """(job_counts with its changes, a GROUP BY count) in one snapshot of a test's schema; ({}, {}) without tables."""
+    import psycopg
+    with psycopg.connect(PG_URL) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # both reads in one snapshot
+        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".job_count_changes',)).fetchone()[0] is None:
+            return {}, {}
+        conn.execute(f'SET search_path TO "{schema}"')
+        kept = {(queue, state): n for queue, state, n in conn.execute(
+            "SELECT queue, state, sum(n) FROM (SELECT * FROM job_counts UNION ALL SELECT * FROM job_count_changes) c "
+            "GROUP BY queue, state") if n}
+        counted = {(queue, state): n for queue, state, n in conn.execute(
+            "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
+        return kept, counted
 
 
 def drop_pg_schema(schema):
@@ -304,7 +322,7 @@ def test_a_version_1_database_is_upgraded_with_its_counts(db):
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
                                 "canceled": 0}
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
     assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
     assert status()["jobs"]["completed"] == 0
 
@@ -3321,6 +3339,58 @@ def test_a_refused_login_and_a_missing_database_are_one_line_exit_1(db):
 
 
 @needs_pg
+def test_status_reads_kept_counts_on_postgresql_and_a_version_6_database_gets_them(fast):
+    for command in ("true", "true", "false"):
+        enqueue("-c", command, "--max-retries", "0")
+    assert cli("queue", "pause", "later")[0] == 0
+    enqueue("-c", "true", "--queue", "later")
+    burst()
+    import psycopg
+    with psycopg.connect(PG_URL, autocommit=True) as conn:  # back to version 6: counted, not kept
+        conn.execute(f'SET search_path TO "{os.environ["QUEUECTL_PG_SCHEMA"]}"')
+        conn.execute("DROP TABLE job_counts, job_count_changes")
+        conn.execute("DROP TRIGGER job_counts_on_update ON jobs")
+        conn.execute("DROP TRIGGER job_counts_on_delete ON jobs")
+        conn.execute("DROP FUNCTION count_state_change, count_deleted_jobs")
+        conn.execute("UPDATE meta SET version = 6")
+    assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1, "canceled": 0}
+    assert sql_rows("SELECT version FROM meta") == [(queuectl.SCHEMA_VERSION,)]
+    # Every way a count changes, each checked against a real count by the db fixture at the end:
+    assert cli("dlq", "retry", "--all")[0] == 0
+    assert cli("cancel", enqueue("-c", "true", "--queue", "later")[0])[0] == 0
+    burst()
+    assert cli("purge", "--state", "completed,canceled")[0] == 0
+    assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 0, "failed": 0, "dead": 1, "canceled": 0}
+
+
+@needs_pg
+def test_folding_the_counts_from_two_connections_at_once_moves_each_change_once(fast):
+    for _ in range(3):
+        enqueue("-c", "true")
+    burst()
+    conns = [queuectl.connect(PG_URL) for _ in range(2)]
+    try:
+        import threading
+        start = threading.Barrier(2)
+
+        def fold(conn):
+            start.wait()
+            for _ in range(20):
+                conn.fold_counts()
+
+        threads = [threading.Thread(target=fold, args=(conn,)) for conn in conns]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sql_rows("SELECT count(*) FROM job_count_changes") == [(0,)]
+    assert status()["jobs"]["completed"] == 3
+
+
+@needs_pg
 def test_the_tables_live_in_their_own_schema_and_a_foreign_one_is_refused(db, monkeypatch):
     assert cli("init")[0] == 0
     schema = os.environ["QUEUECTL_PG_SCHEMA"]
@@ -4942,4 +5012,4 @@ def test_a_version_5_database_is_upgraded_and_its_jobs_run(db):
     job = show("old")
     assert (job["state"], job["stdout"], [r["outcome"] for r in job["runs"]]) == ("completed", "old\n", ["completed"])
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
