@@ -5276,6 +5276,11 @@ class Dashboard:
                 status, body = self.snapshot((url.path, tuple(sorted(query.items()))), handler, query, parts)
         except HttpError as e:
             status, body = e.status, json_body({"error": str(e)})
+        except Exception as e:  # a bug: one line for the client and the log, and the server goes on
+            if os.environ.get("QUEUECTL_DEBUG") == "1":
+                raise
+            print(f"queuectl: error: internal error: {e!r}", file=sys.stderr, flush=True)
+            status, body = 500, json_body({"error": f"internal error: {e!r}"})
         return status, [("Content-Type", "application/json"), *extra], body
 
     def check_host(self, host):
@@ -5831,7 +5836,7 @@ function renderJob(job, why) {
   const runs = job.runs.map((run) => String(run.run));
   if (picker.options.length !== runs.length) {
     picker.replaceChildren(...runs.map((run) => el("option", { value: run }, `run ${run}`)));
-    if (!view.run) picker.value = runs[runs.length - 1] || "";
+    picker.value = view.run ? String(view.run) : runs[runs.length - 1] || "";
   }
   picker.hidden = !runs.length;
 }
