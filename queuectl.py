@@ -5424,6 +5424,11 @@ def is_loopback(host):
         return False
 
 
+def log_line(text):
+    """One line on stderr in one write: request threads never interleave theirs."""
+    os.write(2, (one_line(text, 2000) + "\n").encode("utf-8", "backslashreplace"))
+
+
 def redact_token(text):
     """A request line or log text without the token's value."""
     return re.sub(r"(token=)[^&\s]*", r"\1***", text)
@@ -5456,11 +5461,10 @@ def serve_dashboard(dashboard, host, port):
             self.wfile.write(body)
 
         def log_request(self, code="-", size="-"):
-            path = redact_token(self.path)
-            print(f"{self.command} {path} {code}", file=sys.stderr, flush=True)
+            log_line(f"{self.command} {redact_token(self.path)} {code}")
 
         def log_message(self, format, *args):  # errors of http.server itself (bad request lines)
-            print(redact_token(format % args), file=sys.stderr, flush=True)
+            log_line(redact_token(format % args))
 
     class Server(http.server.ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -5544,8 +5548,9 @@ PAGE_HTML = """<!doctype html>
   <section>
     <h2>Queues</h2>
     <div class="scroll"><table id="queues">
-      <thead><tr><th>Queue</th><th>Paused</th><th>Limit</th><th>Pending</th><th>Processing</th><th>Failed</th>
-        <th>Dead</th><th>Completed</th><th></th></tr></thead>
+      <thead><tr><th>Queue</th><th>Paused</th><th class="num">Limit</th><th class="num">Pending</th>
+        <th class="num">Processing</th><th class="num">Failed</th><th class="num">Dead</th>
+        <th class="num">Completed</th><th class="num">Canceled</th><th></th></tr></thead>
       <tbody></tbody>
     </table></div>
   </section>
@@ -5553,7 +5558,8 @@ PAGE_HTML = """<!doctype html>
   <section>
     <h2>Workers</h2>
     <div class="scroll"><table id="workers">
-      <thead><tr><th>Worker</th><th>Host</th><th>Pid</th><th>Queues</th><th>Started</th><th>Current job</th></tr></thead>
+      <thead><tr><th>Worker</th><th>Host</th><th class="num">Pid</th><th>Queues</th><th>Started</th>
+        <th>Current job</th></tr></thead>
       <tbody></tbody>
     </table></div>
   </section>
@@ -5583,7 +5589,8 @@ PAGE_HTML = """<!doctype html>
       <button type="button" id="dlq-purge" class="danger">Purge every dead job</button>
     </form>
     <div class="scroll"><table id="jobs">
-      <thead><tr><th>Id</th><th>State</th><th>Queue</th><th>Attempts</th><th>Updated</th><th>Command</th></tr></thead>
+      <thead><tr><th>Id</th><th>State</th><th>Queue</th><th class="num wide">Attempts</th><th class="wide">Updated</th>
+        <th>Command</th></tr></thead>
       <tbody></tbody>
     </table></div>
     <p class="pager"><button type="button" id="newest" hidden>Newest</button>
@@ -5602,7 +5609,8 @@ PAGE_HTML = """<!doctype html>
   <div class="scroll"><table id="job-fields" class="fields"><tbody></tbody></table></div>
   <h3>Runs</h3>
   <div class="scroll"><table id="job-runs">
-    <thead><tr><th>Run</th><th>Attempt</th><th>Outcome</th><th>Exit</th><th>Started</th><th>Finished</th>
+    <thead><tr><th class="num">Run</th><th class="num">Attempt</th><th>Outcome</th><th class="num">Exit</th>
+      <th>Started</th><th>Finished</th>
       <th>Worker</th><th>Host</th><th>Error</th></tr></thead>
     <tbody></tbody>
   </table></div>
@@ -5649,8 +5657,8 @@ th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--lin
   vertical-align: top; }
 tbody tr:last-child td { border-bottom: 0; }
 th { font-weight: 600; color: var(--muted); background: var(--panel); font-size: 12px; }
-td.num { font-variant-numeric: tabular-nums; text-align: right; }
-td.command, td.text { white-space: pre-wrap; word-break: break-all; max-width: 480px;
+.num { font-variant-numeric: tabular-nums; text-align: right; }
+td.command, td.text { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 480px;
   font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; }
 .fields th { width: 1%; }
 td.empty { color: var(--muted); text-align: center; }
@@ -5668,14 +5676,16 @@ button.danger { color: var(--dead); }
 button[disabled] { opacity: .5; cursor: default; }
 td button { padding: 2px 8px; font-size: 12px; }
 pre { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px;
-  max-height: 480px; overflow: auto; white-space: pre-wrap; word-break: break-all; font-size: 12px; }
+  max-height: 480px; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; }
 .pager { display: flex; gap: 8px; }
 #job-why { padding-left: 18px; }
 @media (max-width: 640px) {
   body { padding: 0 10px 24px; }
   #counts { grid-template-columns: repeat(3, 1fr); }
   .spacer { display: none; }
-  td.command { max-width: 240px; }
+  .wide { display: none; }
+  td.command { max-width: 180px; min-width: 120px; }
+  th, td { padding: 6px 6px; }
 }
 """
 
@@ -5705,7 +5715,7 @@ async function api(path, method = "GET") {
 }
 
 const q = encodeURIComponent;
-const time = (iso) => (iso ? iso.slice(0, 19).replace("T", " ") : "-");
+const time = (iso) => (iso ? `${iso.slice(0, 19).replace("T", " ")}Z` : "-");  // UTC, as the CLI shows it
 const stateCell = (state) => el("td", { className: `state ${state}` }, state);
 
 function fill(tbody, rows, columns, empty) {
@@ -5752,10 +5762,10 @@ function renderQueues(queues) {
   fill($("#queues tbody"), queues.map((queue) => el("tr", { "data-queue": queue.queue },
     el("td", {}, el("a", { href: "#/", onclick: (event) => { event.preventDefault(); filterBy({ queue: queue.queue }); } }, queue.queue)),
     el("td", {}, queue.paused ? "paused" : "no"), el("td", { className: "num" }, queue.limit || "-"),
-    ...["pending", "processing", "failed", "dead", "completed"].map((state) => el("td", { className: "num" }, queue.jobs[state])),
+    ...["pending", "processing", "failed", "dead", "completed", "canceled"].map((state) => el("td", { className: "num" }, queue.jobs[state])),
     el("td", {}, queue.paused
       ? button("Resume", "resume", () => change(`/api/queues/${q(queue.queue)}/resume`))
-      : button("Pause", "pause", () => change(`/api/queues/${q(queue.queue)}/pause`))))), 9, "no queues");
+      : button("Pause", "pause", () => change(`/api/queues/${q(queue.queue)}/pause`))))), 10, "no queues");
 }
 
 function renderWorkers(workers) {
@@ -5781,7 +5791,7 @@ function renderSchedules(schedules) {
 function renderJobs(page) {
   fill($("#jobs tbody"), page.jobs.map((job) => el("tr", { "data-job": job.id },
     el("td", {}, el("a", { href: `#/jobs/${q(job.id)}` }, job.id)), stateCell(job.state), el("td", {}, job.queue),
-    el("td", { className: "num" }, job.attempts), el("td", {}, time(job.updated_at)),
+    el("td", { className: "num wide" }, job.attempts), el("td", { className: "wide" }, time(job.updated_at)),
     el("td", { className: "command" }, job.command))), 6, page.next ? "none here: look further with Older" : "no jobs");
   view.next = page.next;
   $("#older").hidden = !page.next;
@@ -5824,8 +5834,8 @@ function renderJob(job, why) {
   const fields = Object.entries(job).filter(([key]) => !["runs", "stdout", "stderr"].includes(key));
   $("#job-fields tbody").replaceChildren(...fields.map(([key, value]) => el("tr", { "data-field": key },
     el("th", {}, key),
-    key === "state" ? stateCell(value) : el("td", { className: "text" },
-      value === null ? "-" : typeof value === "object" ? JSON.stringify(value) : value))));
+    el("td", { className: key === "state" ? `text state ${value}` : "text" },
+      value === null ? "-" : key.endsWith("_at") ? time(value) : typeof value === "object" ? JSON.stringify(value) : value))));
   fill($("#job-runs tbody"), job.runs.map((run) => el("tr", { "data-run": run.run },
     el("td", { className: "num" }, run.run), el("td", { className: "num" }, run.attempt),
     el("td", { className: `state ${run.outcome === "running" ? "processing" : run.outcome === "completed" ? "completed" : "failed"}` }, run.outcome),
@@ -5856,8 +5866,10 @@ async function tail(stream, target, generation) {
   }
   const part = await api(`/api/jobs/${q(view.job.id)}/output?run=${run}&stream=${stream}&from=${seen.to}`);
   if (generation !== refreshes) return;  // a newer refresh reads it
+  const atBottom = target.scrollTop + target.clientHeight >= target.scrollHeight - 4;
   if (part.skipped) target.append(`[${part.skipped} bytes skipped]\n`);
   if (part.data) target.append(part.data);
+  if (atBottom) target.scrollTop = target.scrollHeight;  // follow the output unless the reader scrolled up
   seen.to = part.to;
 }
 
@@ -5896,7 +5908,7 @@ async function refresh() {
     if (id) await refreshJob(id, generation);
     else await refreshOverview(generation);
     if (errorFromRefresh) showError("");
-    $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    $("#updated").textContent = `updated ${new Date().toISOString().slice(11, 19)}Z`;
   } catch (error) {
     if (generation === refreshes) showError(error.message, true);
   }
