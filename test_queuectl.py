@@ -5015,3 +5015,232 @@ def test_a_version_5_database_is_upgraded_and_its_jobs_run(db):
     assert (job["state"], job["stdout"], [r["outcome"] for r in job["runs"]]) == ("completed", "old\n", ["completed"])
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
+
+# ---------------------------------------------------------------------------
+# The dashboard in a real browser (Playwright, Debian's Chromium)
+# ---------------------------------------------------------------------------
+
+# Playwright drives the machine's own Chromium (never a downloaded one);
+# without either, these tests skip with one line. One browser serves the
+# module, each test gets a fresh context (no cookies, no storage) and a
+# dashboard of its own on a free port, over the test's database.
+
+BROWSER_WAIT_MS = 10_000  # how long an expectation on the page waits (the page refreshes every 2 s)
+
+
+def chromium_path():
+    """Chromium for the browser tests: $QUEUECTL_TEST_CHROMIUM, else chromium or chromium-browser on PATH; or None."""
+    path = os.environ.get("QUEUECTL_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def browser_chromium():
+    """One headless Chromium for the module, driven by Playwright's sync API; skips without either."""
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("browser tests: no Chromium (apt-get install chromium, or set QUEUECTL_TEST_CHROMIUM)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.skip("browser tests: no playwright (make venv installs it)")
+    expect.set_options(timeout=BROWSER_WAIT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True,
+                                             args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        yield browser
+        browser.close()
+
+
+def on_page(target):
+    """Playwright's expect(target): assertions that wait up to BROWSER_WAIT_MS for the page to agree."""
+    from playwright.sync_api import expect
+    return expect(target)
+
+
+@pytest.fixture
+def browser_dashboard(db, tmp_path):
+    """`dashboard --port 0` on the test's database as a real process; yields the URL it printed (with ?token=).
+
+    Its output goes to files (a pipe nobody reads would block its request
+    log). It shares our process group, so pool()'s teardown leaves it alone;
+    at teardown SIGTERM must stop it with exit 0, no traceback, and its log
+    must never have shown the token.
+    """
+    out_path, log_path = tmp_path / "dashboard.out", tmp_path / "dashboard.log"
+    with open(out_path, "w") as out_file, open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "dashboard", "--port", "0"],
+                                stdin=subprocess.DEVNULL, stdout=out_file, stderr=log_file)
+    try:
+        printed = wait_until(lambda: out_path.read_text().endswith("\n") or proc.poll() is not None, timeout=30)
+        url = out_path.read_text().strip()
+        assert printed and url.startswith("http://127.0.0.1:") and "/?token=" in url, (url, log_path.read_text())
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    assert url.split("?token=", 1)[1] not in log
+
+
+@pytest.fixture
+def browser_page(browser_chromium):
+    """A page in a fresh browser context (1280x900), closed afterwards."""
+    context = browser_chromium.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(BROWSER_WAIT_MS)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def open_dashboard(page, url, route=""):
+    """Load the dashboard at its printed URL (plus a #route) and wait for its first refresh."""
+    page.goto(url + route)
+    on_page(page.locator("#updated")).to_have_text(re.compile(r"\S"))
+
+
+def wait_for_a_refresh(page):
+    """Wait until the page refreshed once more (#updated, the time of the last refresh, changes)."""
+    shown = page.locator("#updated").text_content()
+    page.wait_for_function("shown => document.querySelector('#updated').textContent !== shown", arg=shown)
+
+
+def job_row(page, job_id):
+    """The job list's row of a job."""
+    return page.locator(f'#jobs tbody tr[data-job="{job_id}"]')
+
+
+def job_field(page, field):
+    """The value cell of one field on the job page."""
+    return page.locator(f'#job-fields tr[data-field="{field}"] td')
+
+
+def dlq_list():
+    """`dlq list --json` as a list."""
+    code, out, err = cli("dlq", "list", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_dashboard_page_loads_from_its_printed_url_with_no_errors_nothing_from_elsewhere_and_the_counts(
+        db, browser_dashboard, browser_page):
+    enqueue("-c", "true", "--id", "a")
+    enqueue("-c", "true", "--id", "b")
+    assert cli("cancel", "b")[0] == 0
+    origin = browser_dashboard.split("/?", 1)[0]
+    requests, problems = [], []
+    browser_page.on("request", lambda request: requests.append(request.url))
+    browser_page.on("console", lambda message: message.type in ("error", "warning") and problems.append(message.text))
+    browser_page.on("pageerror", lambda error: problems.append(str(error)))
+    open_dashboard(browser_page, browser_dashboard)
+    expected = {"pending": "1", "processing": "0", "completed": "0", "failed": "0", "dead": "0", "canceled": "1"}
+    for state, n in expected.items():
+        on_page(browser_page.locator(f'#counts [data-state="{state}"] .n')).to_have_text(n)
+    on_page(job_row(browser_page, "a")).to_be_visible()
+    wait_for_a_refresh(browser_page)  # what the browser does after the load (a favicon?) is in by then
+    assert problems == []
+    assert requests and [url for url in requests if not url.startswith(origin + "/")] == []
+
+
+def test_dashboard_shows_a_job_enqueued_after_the_page_loaded_without_a_reload(db, browser_dashboard, browser_page):
+    open_dashboard(browser_page, browser_dashboard)
+    on_page(job_row(browser_page, "late")).to_have_count(0)
+    browser_page.evaluate("window.loadedOnce = true")
+    enqueue("-c", "echo late", "--id", "late")
+    on_page(job_row(browser_page, "late").locator(".state")).to_have_text("pending")
+    on_page(browser_page.locator('#counts [data-state="pending"] .n')).to_have_text("1")
+    assert browser_page.evaluate("window.loadedOnce") is True  # the same document: no reload
+
+
+def test_dashboard_retries_a_dead_job_from_its_page_and_the_cli_sees_it_pending(fast, browser_dashboard, browser_page):
+    enqueue("-c", "false", "--id", "doomed", "--max-retries", "0")
+    burst()
+    assert show("doomed")["state"] == "dead"
+    open_dashboard(browser_page, browser_dashboard)
+    job_row(browser_page, "doomed").locator('a[href="#/jobs/doomed"]').click()
+    on_page(browser_page.locator("#job")).to_be_visible()
+    on_page(job_field(browser_page, "state")).to_have_text("dead")
+    browser_page.locator("#job-retry").click()
+    assert wait_until(lambda: show("doomed")["state"] == "pending")
+    on_page(job_field(browser_page, "state")).to_have_text("pending")
+
+
+def test_dashboard_job_page_shows_the_output_and_job_text_only_as_text(fast, browser_dashboard, browser_page):
+    markup = "<script>window.pwned=1</script><img src=x onerror=window.pwned=2>"
+    enqueue("-c", "echo hello-from-job", "--id", "hello")
+    enqueue("-c", f"echo {shlex.quote(markup)}", "--id", "markup")
+    burst()
+    assert show("markup")["stdout"] == markup + "\n"
+    open_dashboard(browser_page, browser_dashboard)
+    on_page(job_row(browser_page, "markup").locator(".command")).to_contain_text(markup)
+    browser_page.goto(browser_dashboard + "#/jobs/hello")
+    on_page(browser_page.locator("#job-output")).to_contain_text("hello-from-job")
+    browser_page.goto(browser_dashboard + "#/jobs/markup")
+    on_page(job_field(browser_page, "command")).to_contain_text(markup)
+    on_page(browser_page.locator("#job-output")).to_contain_text(markup)
+    assert browser_page.locator("#jobs script, #jobs img, #job script, #job img").count() == 0
+    assert browser_page.evaluate("typeof window.pwned") == "undefined"
+
+
+def test_dashboard_dlq_purge_asks_first_and_does_nothing_when_dismissed(fast, browser_dashboard, browser_page):
+    for job_id in ("d1", "d2"):
+        enqueue("-c", "false", "--id", job_id, "--max-retries", "0")
+    burst()
+    assert len(dlq_list()) == 2
+    posts = []
+    browser_page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+    open_dashboard(browser_page, browser_dashboard)
+    on_page(browser_page.locator('#counts [data-state="dead"] .n')).to_have_text("2")
+
+    browser_page.once("dialog", lambda dialog: dialog.dismiss())
+    with browser_page.expect_event("dialog") as dialog:
+        browser_page.locator("#dlq-purge").click()
+    assert dialog.value.type == "confirm"
+    wait_for_a_refresh(browser_page)
+    assert posts == [] and len(dlq_list()) == 2
+    on_page(browser_page.locator('#counts [data-state="dead"] .n')).to_have_text("2")
+
+    browser_page.once("dialog", lambda dialog: dialog.accept())
+    with browser_page.expect_event("dialog") as dialog:
+        browser_page.locator("#dlq-purge").click()
+    assert dialog.value.type == "confirm"
+    assert wait_until(lambda: dlq_list() == [])
+    assert [url.split("?")[0].endswith("/api/dlq/purge") for url in posts] == [True]
+    on_page(browser_page.locator('#counts [data-state="dead"] .n')).to_have_text("0")
+
+
+def test_dashboard_pauses_a_queue_with_a_click_and_the_cli_sees_it_paused(db, browser_dashboard, browser_page):
+    enqueue("-c", "true", "--queue", "mail")
+    open_dashboard(browser_page, browser_dashboard)
+    row = browser_page.locator('#queues tbody tr[data-queue="mail"]')
+    on_page(row).to_be_visible()
+    row.locator('button[data-action="pause"]').click()
+    assert wait_until(lambda: [(q["queue"], q["paused"]) for q in queue_list()] == [("mail", True)])
+    on_page(row).to_contain_text("paused")
+    on_page(row.locator('button[data-action="resume"]')).to_be_visible()
+
+
+def test_dashboard_job_page_tails_the_output_of_a_running_job(fast, pool, tmp_path, browser_dashboard, browser_page):
+    enqueue("-c", "i=0; while [ ! -e stop ]; do i=$((i+1)); echo tick-$i; sleep 0.2; done; echo tail-done",
+            "--id", "tail")
+    pool("--count", "1")
+    assert wait_until(lambda: show("tail")["state"] == "processing")
+    open_dashboard(browser_page, browser_dashboard, "#/jobs/tail")
+    output = browser_page.locator("#job-output")
+    on_page(output).to_contain_text("tick-")
+    on_page(job_field(browser_page, "state")).to_have_text("processing")
+    seen = output.text_content().count("tick-")
+    browser_page.wait_for_function("n => document.querySelector('#job-output').textContent.split('tick-').length - 1 > n",
+                                arg=seen)
+    assert show("tail")["state"] == "processing"  # it runs until the file stop exists
+    (tmp_path / "stop").touch()
+    assert wait_until(lambda: show("tail")["state"] == "completed")
+    on_page(output).to_contain_text("tail-done")
+    on_page(job_field(browser_page, "state")).to_have_text("completed")
