@@ -187,6 +187,11 @@ def rough_duration(seconds):
     return f"{round(seconds / 86400)} days"
 
 
+def printable(text):
+    """Text with its control characters escaped (\\x1b, \\n): it cannot move a terminal's cursor."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def one_line(text, width=80):
     """Text squeezed onto one line of at most width characters, for logs and tables."""
     flat = " ".join(str(text).split())
@@ -1335,10 +1340,11 @@ PG_SCHEMA_V5 = [
 # Version 7: `status`, `queue list` and the dashboard read counts instead of
 # counting every job (100,000 jobs took 75 ms). One row per (queue, state)
 # changed by every worker of every host would be the hottest row in the
-# database, so changes are appended instead, never updated: a row in
-# job_count_changes per state change and per queue and state of a DELETE
-# statement (triggers), and of a batch of new jobs (add_to_counts: a trigger
-# would fire for each row of an executemany). fold_counts() moves them into
+# database, so changes are appended instead, never updated: two rows in
+# job_count_changes per state change (the old state's -1, the new one's +1)
+# and one per queue and state of a DELETE statement (triggers), and of a
+# batch of new jobs (add_to_counts: a trigger would fire for each row of an
+# executemany). fold_counts() moves them into
 # job_counts now and then. job_counts plus its changes is the count, in any
 # snapshot.
 PG_SCHEMA_V7 = [
@@ -1697,7 +1703,7 @@ class PostgresEngine(Engine):
                                 f"than {seconds_text(busy_timeout_s())} ({text})", "busy")
         if state == "23505":
             return StorageError(f"database {self.path}: {text}", "duplicate")
-        if state == "25006":
+        if state in ("25006", "42501"):  # read-only transaction, insufficient privilege
             return StorageError(f"database {self.path} is read-only ({text})", "readonly")
         return StorageError(f"database {self.path}: {text}")
 
@@ -2664,10 +2670,10 @@ def queue_settings(conn):
     return {row[0]: (bool(row[1]), row[2]) for row in conn.execute("SELECT queue, paused, max_running FROM queues")}
 
 
-def list_queues(conn):
-    """Every queue that has jobs or settings, by name, with its counts in every state."""
+def list_queues(conn, also=()):
+    """Every queue that has jobs or settings (or is named in also), by name, with its counts in every state."""
     counts, settings = conn.count_jobs(), queue_settings(conn)
-    names = {queue for (queue, _), n in counts.items() if n} | set(settings)
+    names = {queue for (queue, _), n in counts.items() if n} | set(settings) | set(also)
     queues = []
     for name in sorted(names):
         jobs = {state: counts.get((name, state), 0) for state in STATES}
@@ -4602,8 +4608,9 @@ def cmd_worker_list(args):
 def cmd_status(args):
     """Counts per state, live workers, and the oldest runnable job's age."""
     with closing(open_db_reaped(args)) as conn:
-        status = status_json(conn)
-        supervisors = sum(1 for p in live_processes(conn, tidy=False) if p["kind"] == "supervisor")
+        processes = live_processes(conn)
+        status = status_json(conn, processes)
+    supervisors = sum(1 for p in processes if p["kind"] == "supervisor")
     if args.json:
         return print_json(status)
     counts, workers, age_s = status["jobs"], status["workers"], status["oldest_runnable_age_s"]
@@ -5021,14 +5028,15 @@ def cmd_config_list(args):
 
 JOBS_PAGE = 50  # jobs a page of the job list has by default
 JOBS_PAGE_MAX = 500
-JOBS_WALKED = 5000  # a filtered page looks at most this many jobs, then says where it stopped
+JOBS_WALKED = 5000  # a filtered page looks at most this many jobs a walk, then says where it stopped
+LATEST_SEQ = 2**63 - 1  # above every job's seq
 
 
-def status_json(conn):
+def status_json(conn, processes=None):
     """`status --json`: counts per state, live workers, the oldest runnable job's age."""
-    counts = count_by_state(conn)
-    workers = [p for p in live_processes(conn) if p["kind"] == "worker"]
-    return {"jobs": counts, "workers": workers, "oldest_runnable_age_s": oldest_runnable_age_s(conn)}
+    processes = live_processes(conn) if processes is None else processes
+    return {"jobs": count_by_state(conn), "workers": [p for p in processes if p["kind"] == "worker"],
+            "oldest_runnable_age_s": oldest_runnable_age_s(conn)}
 
 
 def show_json(conn, job_id):
@@ -5057,7 +5065,7 @@ def page_of_jobs(conn, states=None, queue=None, text=None, limit=JOBS_PAGE, befo
         pattern = "%" + re.sub(r"([!%_])", r"!\1", text.lower()) + "%"
         checks.append("(lower(id) LIKE ? ESCAPE '!' OR lower(command) LIKE ? ESCAPE '!')")
         check_params += [pattern, pattern]
-    walked_at_most = JOBS_WALKED if checks else limit + 1
+    walked_at_most = JOBS_WALKED if checks else limit + 1  # each walk's, and the merged walk's
     matches = f"({' AND '.join(checks)})" if checks else "1 = 1"
     walked = heapq.merge(*(conn.execute(f"""
         SELECT seq, id, {matches} AS matches
@@ -5074,9 +5082,6 @@ def page_of_jobs(conn, states=None, queue=None, text=None, limit=JOBS_PAGE, befo
         next_id = walked[-1][1] if checks and len(walked) == walked_at_most else None
     rows = fetch_by_seq(conn, [row[0] for row in found])
     return rows, next_id
-
-
-LATEST_SEQ = 2**63 - 1  # above every job's seq
 
 
 def fetch_by_seq(conn, seqs):
@@ -5113,12 +5118,22 @@ def output_since(conn, job_id, run=None, stream="stdout", start=0):
 
 
 def api_jobs(conn, query):
-    """GET /api/jobs?state=S&queue=Q&q=TEXT&limit=N&before=ID"""
-    states = parse_states(query["state"]) if query.get("state") else None
+    """GET /api/jobs?state=S&queue=Q&q=TEXT&limit=N&before=ID[&brief=1]
+
+    brief=1 (the page's list) leaves out each job's stdout and stderr: fifty
+    output tails at every refresh would be megabytes.
+    """
+    states = list(dict.fromkeys(parse_states(query["state"]))) if query.get("state") else None
     queue = check_queue_name(query["queue"]) if query.get("queue") else None
     limit = query_int(query, "limit", JOBS_PAGE, 1, JOBS_PAGE_MAX)
-    rows, next_id = page_of_jobs(conn, states, queue, query.get("q") or None, limit, query.get("before") or None)
-    return {"jobs": [job_json(row) for row in rows], "next": next_id}
+    text = query.get("q") or None
+    if text is not None and ("\0" in text or len(text) > 1000):
+        raise UsageError("q must be at most 1,000 characters, without NUL")
+    rows, next_id = page_of_jobs(conn, states, queue, text, limit, query.get("before") or None)
+    jobs = [job_json(row) for row in rows]
+    if query.get("brief") == "1":
+        jobs = [{key: value for key, value in job.items() if key not in ("stdout", "stderr")} for job in jobs]
+    return {"jobs": jobs, "next": next_id}
 
 
 def api_output(conn, query, job_id):
@@ -5167,9 +5182,7 @@ def api_queue(conn, name, paused):
     """POST /api/queues/Q/pause and /resume: the queue as `queue list --json` shows it."""
     set_queues(conn, [check_queue_name(name)], "paused", int(paused))
     conn.wake_workers()
-    return next((q for q in list_queues(conn) if q["queue"] == name),
-                {"queue": name, "paused": False, "limit": 0, "jobs": dict.fromkeys(STATES, 0),
-                 **dict.fromkeys(STATES, 0)})
+    return next(q for q in list_queues(conn, also=[name]) if q["queue"] == name)
 
 
 def api_schedule(conn, name, sql):
@@ -5308,16 +5321,12 @@ class Dashboard:
     def check_token(self, query, headers):
         """How the request carried the token ('query', 'cookie', 'bearer'); 401 without it."""
         import hmac
-        import http.cookies
         given = {"query": query.get("token")}
         scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
         given["bearer"] = credentials.strip() if scheme.lower() == "bearer" else None
-        cookies = http.cookies.SimpleCookie()
-        try:
-            cookies.load(headers.get("Cookie") or "")
-        except http.cookies.CookieError:
-            pass
-        given["cookie"] = cookies[self.cookie_name].value if self.cookie_name in cookies else None
+        # By hand: http.cookies drops the whole header over one cookie it dislikes (another site's on localhost).
+        cookies = (part.strip().partition("=") for part in (headers.get("Cookie") or "").split(";"))
+        given["cookie"] = next((value for name, _, value in cookies if name == self.cookie_name), None)
         for via, token in given.items():
             if token is not None and hmac.compare_digest(token.encode(), self.token.encode()):
                 return via
@@ -5361,8 +5370,8 @@ class Dashboard:
             self.snapshots.clear()
             return self.call(handler, query, parts)
 
-    def call(self, handler, query, parts):
-        """Run a route's handler on the connection (opened again after it dropped)."""
+    def call(self, handler, query, parts, tries=2):
+        """Run a route's handler on the connection; a dropped one is opened again and the route run again."""
         try:
             if self.conn is None:
                 self.conn = connect(self.db_path)
@@ -5375,6 +5384,8 @@ class Dashboard:
         except QueueError as e:
             if isinstance(e, StorageError) and e.kind in ("lost", "corrupt"):
                 self.close()
+                if e.kind == "lost" and tries > 1:  # a POST's transaction either committed or not: both safe
+                    return self.call(handler, query, parts, tries - 1)
             status = next(status for kind, status in ERROR_STATUS if isinstance(e, kind))
             return status, json_body({"error": str(e)})
 
@@ -5425,13 +5436,19 @@ def is_loopback(host):
 
 
 def log_line(text):
-    """One line on stderr in one write: request threads never interleave theirs."""
-    os.write(2, (one_line(text, 2000) + "\n").encode("utf-8", "backslashreplace"))
+    """One line on stderr in one write (request threads never interleave), control characters escaped."""
+    os.write(2, (printable(text)[:2000] + "\n").encode("utf-8", "backslashreplace"))
 
 
-def redact_token(text):
-    """A request line or log text without the token's value."""
-    return re.sub(r"(token=)[^&\s]*", r"\1***", text)
+def redact_token(path):
+    """A request's path without the token's value, however its name is spelled (%74oken)."""
+    import urllib.parse
+    base, _, query = path.partition("?")
+    if not query:
+        return path
+    pairs = [(name, "***" if name == "token" else value)
+             for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+    return base + "?" + urllib.parse.urlencode(pairs, safe=",:@*")
 
 
 def serve_dashboard(dashboard, host, port):
@@ -5442,18 +5459,23 @@ def serve_dashboard(dashboard, host, port):
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "queuectl"
         sys_version = ""
+        timeout = 30  # a client that sends nothing lets go of its thread
 
         def do_GET(self):
             self.respond("GET")
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if 0 < length <= 1 << 20:
-                self.rfile.read(length)  # no route takes a body; read it so the client is not cut off
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit() or int(length) > 65536:  # no route takes a body
+                return self.send_answer(413 if length.isdigit() else 400, [("Content-Type", "application/json")],
+                                        json_body({"error": "a request body must be at most 64 KiB"}))
+            self.rfile.read(int(length))  # read, so that the client is not cut off
             self.respond("POST")
 
         def respond(self, method):
-            status, headers, body = dashboard.answer(method, self.path, self.headers)
+            self.send_answer(*dashboard.answer(method, self.path, self.headers))
+
+        def send_answer(self, status, headers, body):
             self.send_response(status)
             for name, value in [*headers, *SAFETY_HEADERS, ("Content-Length", str(len(body)))]:
                 self.send_header(name, value)
@@ -5461,7 +5483,8 @@ def serve_dashboard(dashboard, host, port):
             self.wfile.write(body)
 
         def log_request(self, code="-", size="-"):
-            log_line(f"{self.command} {redact_token(self.path)} {code}")
+            path = getattr(self, "path", None)  # none when the request line itself was bad
+            log_line(f"{self.command or '-'} {redact_token(path) if path else '-'} {code}")
 
         def log_message(self, format, *args):  # errors of http.server itself (bad request lines)
             log_line(redact_token(format % args))
@@ -5469,6 +5492,12 @@ def serve_dashboard(dashboard, host, port):
     class Server(http.server.ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            """One line, never a traceback; a client that left is no error."""
+            error = sys.exc_info()[1]
+            if not isinstance(error, (ConnectionError, TimeoutError)):
+                log_line(f"queuectl: error: internal error: {error!r}")
 
     try:
         return Server((host.strip("[]"), port), Handler)
@@ -5482,8 +5511,8 @@ def cmd_dashboard(args):
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0 (any free port) to 65535, got {args.port}")
     token = os.environ.get("QUEUECTL_DASHBOARD_TOKEN") or secrets.token_urlsafe(24)
-    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{1,256}", token):
-        raise UsageError("$QUEUECTL_DASHBOARD_TOKEN must be 1-256 characters of A-Z a-z 0-9 . _ ~ + / = -")
+    if not re.fullmatch(r"[A-Za-z0-9._~-]{1,256}", token):  # as it is in a URL and in a cookie
+        raise UsageError("$QUEUECTL_DASHBOARD_TOKEN must be 1-256 characters of A-Z a-z 0-9 . _ ~ -")
     with closing(open_db(args)):
         pass  # a database that cannot be opened fails now, not at the first request
     dashboard = Dashboard(args.db_path, token, args.host, args.read_only)
@@ -5695,6 +5724,7 @@ const STATES = ["pending", "processing", "failed", "dead", "completed", "cancele
 const $ = (selector) => document.querySelector(selector);
 const view = { filter: { state: "", queue: "", q: "" }, before: null, next: null, job: null, run: null, tails: {} };
 let timer = null;  // the next refresh
+const TAIL_KEPT = 262144;  // characters of a live tail the page keeps: a job may print for days
 
 // One element, its children given as nodes or text (text is never parsed as markup).
 function el(tag, props = {}, ...children) {
@@ -5802,6 +5832,7 @@ function jobsPath() {
   const params = new URLSearchParams();
   for (const [key, value] of Object.entries(view.filter)) if (value) params.set(key, value);
   if (view.before) params.set("before", view.before);
+  params.set("brief", "1");  // no output tails in the list
   return `/api/jobs?${params}`;
 }
 
@@ -5813,15 +5844,18 @@ function filterBy(changes) {
   refresh();
 }
 
+// Each part on its own: one failing (a page of jobs whose first job was
+// purged) leaves the others live.
 async function refreshOverview(generation) {
-  const [status, queues, workers, schedules, jobs] = await Promise.all(
-    ["/api/status", "/api/queues", "/api/workers", "/api/schedules", jobsPath()].map((path) => api(path)));
+  const paths = ["/api/status", "/api/queues", "/api/workers", "/api/schedules", jobsPath()];
+  const answers = await Promise.allSettled(paths.map((path) => api(path)));
   if (generation !== refreshes) return;
-  renderCounts(status);
-  renderQueues(queues);
-  renderWorkers(workers);
-  renderSchedules(schedules);
-  renderJobs(jobs);
+  [renderCounts, renderQueues, renderWorkers, renderSchedules, renderJobs].forEach((render, i) => {
+    if (answers[i].status === "fulfilled") render(answers[i].value);
+  });
+  const failed = answers.find((answer) => answer.status === "rejected");
+  if (answers[4].status === "rejected" && view.before) view.before = null;  // back to the newest next time
+  if (failed) throw failed.reason;
 }
 
 // --- one job ----------------------------------------------------------------
@@ -5869,6 +5903,7 @@ async function tail(stream, target, generation) {
   const atBottom = target.scrollTop + target.clientHeight >= target.scrollHeight - 4;
   if (part.skipped) target.append(`[${part.skipped} bytes skipped]\n`);
   if (part.data) target.append(part.data);
+  if (target.textContent.length > TAIL_KEPT) target.textContent = target.textContent.slice(-TAIL_KEPT);
   if (atBottom) target.scrollTop = target.scrollHeight;  // follow the output unless the reader scrolled up
   seen.to = part.to;
 }
@@ -5885,7 +5920,12 @@ async function refreshJob(id, generation) {
 
 function route() {
   const match = location.hash.match(/^#\/jobs\/(.+)$/);
-  const id = match ? decodeURIComponent(match[1]) : null;
+  let id = null;
+  try {
+    id = match ? decodeURIComponent(match[1]) : null;
+  } catch {
+    id = match[1];  // not percent-encoded text: the API answers 404 for it
+  }
   $("#overview").hidden = Boolean(id);
   $("#job").hidden = !id;
   if (!view.job || view.job.id !== id) {
@@ -6715,8 +6755,7 @@ def main(argv=None):
 
 def fail(message, exit_code):
     """Print one error line and return the exit code; control characters are escaped."""
-    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
-    print(f"queuectl: error: {printable}", file=sys.stderr)
+    print(f"queuectl: error: {printable(message)}", file=sys.stderr)
     return exit_code
 
 
