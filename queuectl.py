@@ -5540,8 +5540,9 @@ def cmd_dashboard(args):
     return 0
 
 
-class DashboardStopped(Exception):
-    """SIGINT or SIGTERM: leaves serve_forever in the main thread."""
+class DashboardStopped(BaseException):
+    """SIGINT or SIGTERM: leaves serve_forever in the main thread (not an Exception, which socketserver
+    would catch and log when the signal lands while it starts a request's thread)."""
 
 
 # ---------------------------------------------------------------------------

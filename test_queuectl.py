@@ -10,6 +10,8 @@ deadline instead of sleeping blindly.
 import calendar
 import collections
 import contextlib
+import http.client
+import itertools
 import json
 import os
 import random
@@ -18,12 +20,15 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -3041,7 +3046,6 @@ def test_a_canceled_then_retried_job_starts_again_only_after_its_first_run_is_go
 
 
 def test_a_later_stop_with_a_shorter_grace_is_not_silenced_by_an_earlier_one():
-    import threading
     run = queuectl.CommandRun("trap '' TERM; sleep 30", dict(os.environ), None, 0, 65536)
     assert run.start() is None
     ticks = []
@@ -3175,7 +3179,6 @@ for _ in range(int(sys.argv[3])):
 
 @sqlite_only
 def test_opening_the_database_never_fails_because_another_connection_just_closed(db):
-    import threading
     assert cli("init")[0] == 0
     # Measured on the old check: 1 to 9 of these 9,000 opens failed, in each of 12 runs.
     threads_n, processes_n, iterations = 2, 4, 1500
@@ -3372,7 +3375,6 @@ def test_folding_the_counts_from_two_connections_at_once_moves_each_change_once(
     burst()
     conns = [queuectl.connect(PG_URL) for _ in range(2)]
     try:
-        import threading
         start = threading.Barrier(2)
 
         def fold(conn):
@@ -4034,7 +4036,6 @@ def test_claimers_of_a_limited_queue_take_its_jobs_by_age_even_while_another_loo
     # LOCKED). For a limited queue that once let a younger job take the last
     # place while a claimer looked at the older one: here a connection holds
     # the older job's row, as such a claimer does, while we claim.
-    import threading
 
     import psycopg
     cli("queue", "limit", "q", "1")
@@ -5015,6 +5016,757 @@ def test_a_version_5_database_is_upgraded_and_its_jobs_run(db):
     assert (job["state"], job["stdout"], [r["outcome"] for r in job["runs"]]) == ("completed", "old\n", ["completed"])
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
+
+# ---------------------------------------------------------------------------
+# The dashboard: its API and its safety (http.client)
+# ---------------------------------------------------------------------------
+
+DASHBOARD_URL_RE = re.compile(r"http://(?P<host>127\.0\.0\.1):(?P<port>\d+)/\?token=(?P<token>\S+)\n")
+LOCAL_SOURCES = {"'self'", "'none'", "data:"}  # what a CSP may allow: nothing from another origin
+SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                  "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+
+class Dashboard:
+    """A running `dashboard` process: its address and token, its request log, and requests to it."""
+
+    def __init__(self, proc, log_path, url, host, port, token):
+        self.proc, self.log_path, self.url = proc, log_path, url
+        self.host, self.port, self.token = host, port, token
+        self.address = f"{host}:{port}"
+
+    def log(self):
+        """What the dashboard wrote on stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def raw(self, method, path, headers=None, token=True, body=None):
+        """One request; (status, headers, body bytes).
+
+        Host is this server's unless headers give another (None: no Host at
+        all). token True sends `Authorization: Bearer TOKEN`, a string sends
+        that as the bearer, False sends none. A dict or list body goes as JSON.
+        """
+        sent = {"Host": self.address}
+        if token:
+            sent["Authorization"] = f"Bearer {self.token if token is True else token}"
+        if isinstance(body, (dict, list)):
+            body, sent["Content-Type"] = json.dumps(body).encode(), "application/json"
+        elif isinstance(body, str):
+            body = body.encode()
+        if body is not None or method == "POST":
+            sent["Content-Length"] = str(len(body or b""))
+        sent.update(headers or {})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for name, value in sent.items():
+                if value is not None:
+                    conn.putheader(name, value)
+            conn.endheaders(body)
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def request(self, method, path, headers=None, token=True, body=None):
+        """One request; (status, headers, the body parsed as JSON if it is JSON, else its text)."""
+        code, response_headers, data = self.raw(method, path, headers, token, body)
+        if "json" in (response_headers.get("Content-Type") or ""):
+            return code, response_headers, json.loads(data)
+        return code, response_headers, data.decode(errors="replace")
+
+    def ok(self, method, path, **kwargs):
+        """The parsed body of a request that must answer 200."""
+        code, _, doc = self.request(method, path, **kwargs)
+        assert code == 200, (method, path, code, doc)
+        return doc
+
+    def get(self, path, **kwargs):
+        """GET path, which must answer 200; its parsed body."""
+        return self.ok("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        """POST path, which must answer 200; its parsed body."""
+        return self.ok("POST", path, **kwargs)
+
+    def refused(self, method, path, code, **kwargs):
+        """A request that must answer code with exactly {"error": one line}; that line."""
+        got, _, doc = self.request(method, path, **kwargs)
+        assert got == code, (method, path, got, doc)
+        assert isinstance(doc, dict) and list(doc) == ["error"], doc
+        assert isinstance(doc["error"], str) and doc["error"] and "\n" not in doc["error"], doc
+        return doc["error"]
+
+    def agrees(self, path, expected):
+        """Whether GET path comes to answer what expected() says, within the snapshot interval and then some."""
+        return wait_until(lambda: self.get(path) == expected(), timeout=10, interval=0.1)
+
+
+def first_stdout_line(proc, timeout=30):
+    """The first line a process prints on stdout, or "" if it printed none before it ended or the deadline."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
+
+
+@pytest.fixture
+def dashboard_server(db, tmp_path):
+    """start(*argv, env=None): `dashboard --port 0 ARGV` as a real process on the test's database.
+
+    env adds variables to the test's environment. Its stderr goes to a file
+    (a busy log never blocks on a pipe). At teardown each one gets SIGTERM
+    and must exit 0, having printed nothing after its address line and never
+    its token on stderr.
+    """
+    started = []
+
+    def start(*argv, env=None):
+        log_path = tmp_path / f"dashboard-{len(started) + 1}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, SCRIPT, "dashboard", "--port", "0", *map(str, argv)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                    env=None if env is None else {**os.environ, **env})
+        entry = {"proc": proc, "log_path": log_path, "token": None}
+        started.append(entry)
+        line = first_stdout_line(proc)
+        match = DASHBOARD_URL_RE.fullmatch(line)
+        assert match, (line, log_path.read_text(errors="replace"))
+        entry["token"] = match["token"]
+        return Dashboard(proc, log_path, line.strip(), match["host"], int(match["port"]), match["token"])
+
+    yield start
+    problems = []
+    for entry in started:
+        proc = entry["proc"]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            problems.append(f"pid {proc.pid} did not exit on SIGTERM")
+        rest = proc.stdout.read()
+        proc.stdout.close()
+        log = entry["log_path"].read_text(errors="replace")
+        if proc.returncode != 0:
+            problems.append(f"pid {proc.pid} exited {proc.returncode}")
+        if "Traceback" in log:
+            problems.append(f"pid {proc.pid} logged a traceback: {log[log.index('Traceback'):][:3000]}")
+        if entry["token"] and entry["token"] in log:
+            problems.append(f"pid {proc.pid} wrote its token on stderr")
+        if rest:
+            problems.append(f"pid {proc.pid} printed more than its address line: {rest!r}")
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.fixture
+def dashboard(dashboard_server):
+    """A dashboard with the defaults (but a free port) on the test's database."""
+    return dashboard_server()
+
+
+def api_jobs(dash, **params):
+    """Every job GET /api/jobs gives for params, following "next" until it is null; (jobs, page sizes)."""
+    jobs, sizes, before = [], [], None
+    for _ in range(1000):
+        query = dict(params, **({"before": before} if before else {}))
+        page = dash.get("/api/jobs" + ("?" + urllib.parse.urlencode(query) if query else ""))
+        assert set(page) == {"jobs", "next"}, page
+        jobs += page["jobs"]
+        sizes.append(len(page["jobs"]))
+        before = page["next"]
+        if before is None:
+            return jobs, sizes
+    raise AssertionError("the pages never ended")
+
+
+OUTPUT_FIELDS = ("run", "stream", "from", "data", "written", "skipped", "finished", "state", "last_run")
+
+
+def output_fields(doc):
+    """The fields spec'd for GET /api/jobs/ID/output (it may carry more, such as where the data ends)."""
+    assert set(OUTPUT_FIELDS) <= set(doc), doc
+    return {field: doc[field] for field in OUTPUT_FIELDS}
+
+
+def logged_requests(log):
+    """(METHOD, PATH without any token parameter, STATUS) of each request line a dashboard logged."""
+    requests = []
+    for line in log.splitlines():
+        match = re.fullmatch(r"(?:.*\s)?([A-Z]+) (/\S*) (\d{3})", line)
+        if match:
+            parts = urllib.parse.urlsplit(match[2])
+            query = "&".join(pair for pair in parts.query.split("&") if pair and not pair.startswith("token="))
+            requests.append((match[1], parts.path + ("?" + query if query else ""), int(match[3])))
+    return requests
+
+
+def listed(*argv):
+    """`list --json --limit 0 ARGV` as a list."""
+    code, out, err = cli("list", "--json", "--limit", "0", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def queue_of(name):
+    """One queue's object in `queue list --json`."""
+    return next(queue for queue in queue_list() if queue["queue"] == name)
+
+
+def without_heartbeats(processes):
+    """Worker list entries without heartbeat_at, which moves on while they live."""
+    return [{key: value for key, value in process.items() if key != "heartbeat_at"} for process in processes]
+
+
+def everything():
+    """All a dashboard could change: every job with its fields, the queues, the schedules."""
+    return all_jobs(), queue_list(), schedule_list()
+
+
+def dead_job(job_id):
+    """A job that failed its only run and is dead."""
+    enqueue("-c", "exit 3", "--id", job_id, "--max-retries", "0")
+    burst()
+    assert show(job_id)["state"] == "dead"
+
+
+# The API answers what the commands' --json print
+
+def test_api_status_answers_what_status_json_prints(fast, dashboard_server):
+    enqueue("-c", "true", "--id", "ok")
+    enqueue("-c", "exit 1", "--id", "bad", "--max-retries", "0")
+    burst()
+    enqueue("-c", "true", "--id", "later", "--delay", "3600")
+    enqueue("-c", "true", "--id", "gone", "--delay", "3600")
+    assert cli("cancel", "gone")[0] == 0
+    dash = dashboard_server()
+    doc = dash.get("/api/status")
+    assert doc == status()
+    assert doc["jobs"] == {"pending": 1, "processing": 0, "completed": 1, "failed": 0, "dead": 1, "canceled": 1}
+    enqueue("-c", "true", "--delay", "3600")  # the CLI's changes reach the API within the snapshot interval
+    assert dash.agrees("/api/status", status)
+    assert dash.get("/api/status")["jobs"]["pending"] == 2
+
+
+def test_api_jobs_pages_newest_first_50_by_default_and_next_pages_by_before(db, dashboard):
+    enqueue_lines(jsonl(*({"id": f"p{n:03d}", "command": f"echo {n}"} for n in range(120))))
+    jobs, sizes = api_jobs(dashboard)
+    assert sizes == [50, 50, 20]
+    assert jobs == all_jobs()
+    assert [job["id"] for job in jobs] == [f"p{n:03d}" for n in range(119, -1, -1)]
+    page = dashboard.get("/api/jobs?limit=7")
+    assert [job["id"] for job in page["jobs"]] == [f"p{n:03d}" for n in range(119, 112, -1)]
+    assert page["next"] is not None
+    jobs, sizes = api_jobs(dashboard, limit=500)
+    assert (sizes, jobs) == ([120], all_jobs())
+    dashboard.refused("GET", "/api/jobs?before=nope", 404)
+
+
+def test_api_jobs_filter_by_state_queue_and_text_as_list_does(fast, dashboard_server):
+    enqueue("-c", "echo one", "--id", "alpha-1", "--queue", "a")
+    enqueue("-c", "exit 1", "--id", "broken", "--queue", "a", "--max-retries", "0")
+    burst()
+    enqueue_lines(jsonl(*({"id": f"filler-{n}", "command": "true", "queue": "b", "delay": 3600}
+                          for n in range(150))))
+    enqueue("-c", "echo alpha", "--id", "beta-2", "--queue", "b", "--delay", "3600")
+    enqueue("-c", "echo Alpha", "--id", "gamma", "--queue", "a", "--delay", "3600")
+    dash = dashboard_server()
+    for params, argv in (({"state": "pending"}, ("--state", "pending")),
+                         ({"state": "completed,dead"}, ("--state", "completed,dead")),
+                         ({"queue": "a"}, ("--queue", "a")),
+                         ({"state": "pending", "queue": "a"}, ("--state", "pending", "--queue", "a")),
+                         ({"queue": "nowhere"}, ("--queue", "nowhere"))):
+        assert api_jobs(dash, **params)[0] == listed(*argv), params
+    every = all_jobs()
+    for text in ("alpha", "ALPHA", "filler-14", "echo", "nothing-like-it"):  # in id or command, any case
+        expected = [job for job in every if text.lower() in job["id"].lower() or text.lower() in job["command"].lower()]
+        assert api_jobs(dash, q=text)[0] == expected, text
+    assert [job["id"] for job in api_jobs(dash, q="alpha")[0]] == ["gamma", "beta-2", "alpha-1"]
+    assert [job["id"] for job in api_jobs(dash, q="alpha", queue="a", state="completed")[0]] == ["alpha-1"]
+
+
+def test_api_job_and_why_answer_what_show_and_why_print(fast, dashboard_server):
+    enqueue("-c", "echo hi", "--id", "done")
+    burst()
+    assert cli("queue", "pause", "held")[0] == 0
+    enqueue("-c", "true", "--id", "waiting", "--queue", "held", "--after", "done", "--priority", "3")
+    dash = dashboard_server()
+    for job_id in ("done", "waiting"):
+        assert dash.get(f"/api/jobs/{job_id}") == show(job_id)
+        assert dash.get(f"/api/jobs/{job_id}/why") == why(job_id)
+    assert "queue_paused" in [reason["code"] for reason in dash.get("/api/jobs/waiting/why")["reasons"]]
+    assert dash.get("/api/jobs/done")["runs"][0]["outcome"] == "completed"
+
+
+def test_api_output_gives_each_runs_kept_stdout_or_stderr_from_an_offset(fast, dashboard):
+    command = 'echo "attempt $QUEUECTL_ATTEMPT"; printf "err $QUEUECTL_ATTEMPT" >&2; [ "$QUEUECTL_ATTEMPT" -ge 2 ]'
+    enqueue("-c", command, "--id", "j", "--max-retries", "1")
+    burst()
+    assert show("j")["state"] == "completed"
+
+    def output(stream, run, data, start=0):
+        return {"run": run, "stream": stream, "from": start, "data": data, "written": len(data) + start,
+                "skipped": 0, "finished": True, "state": "completed", "last_run": 2}
+
+    assert output_fields(dashboard.get("/api/jobs/j/output")) == output("stdout", 2, "attempt 2\n")
+    assert output_fields(dashboard.get("/api/jobs/j/output?run=1")) == output("stdout", 1, "attempt 1\n")
+    assert output_fields(dashboard.get("/api/jobs/j/output?run=1&stream=stderr")) == output("stderr", 1, "err 1")
+    assert output_fields(dashboard.get("/api/jobs/j/output?stream=stdout&from=8")) == output("stdout", 2, "2\n", 8)
+    assert cli("logs", "j", "--run", "1") == (0, dashboard.get("/api/jobs/j/output?run=1")["data"], "")
+    dashboard.refused("GET", "/api/jobs/j/output?run=3", 404)
+    dashboard.refused("GET", "/api/jobs/j/output?stream=both", 400)
+    dashboard.refused("GET", "/api/jobs/nope/output", 404)
+
+    config_set("output_limit", "10")
+    enqueue("-c", "printf abcdefghijklmnopqrstuvwxyz0123", "--id", "long")
+    burst()
+    doc = output_fields(dashboard.get("/api/jobs/long/output"))
+    assert doc == {"run": 1, "stream": "stdout", "from": 20, "data": "uvwxyz0123", "written": 30, "skipped": 20,
+                   "finished": True, "state": "completed", "last_run": 1}
+    assert dashboard.get("/api/jobs/long/output?from=25")["data"] == "z0123"
+
+
+def test_api_queues_and_schedules_answer_what_their_list_json_prints(db, dashboard_server):
+    enqueue("-c", "true", "--queue", "a")
+    enqueue("-c", "true", "--queue", "b", "--delay", "3600")
+    assert cli("queue", "pause", "b")[0] == 0
+    assert cli("queue", "limit", "c", "2")[0] == 0
+    schedule_add("nightly", "0 0 * * *", "-c", "true")
+    schedule_add("hourly", "@hourly", "--tz", "UTC", "-c", "echo hi", "--queue", "a")
+    assert cli("schedule", "pause", "hourly")[0] == 0
+    dash = dashboard_server()
+    assert dash.get("/api/queues") == queue_list()
+    assert [queue["queue"] for queue in dash.get("/api/queues")] == ["a", "b", "c"]
+    assert dash.get("/api/schedules") == schedule_list()
+    assert len(dash.get("/api/schedules")) == 2
+    assert cli("queue", "resume", "b")[0] == 0  # the CLI's changes reach the API within the snapshot interval
+    assert cli("schedule", "resume", "hourly")[0] == 0
+    assert dash.agrees("/api/queues", queue_list)
+    assert dash.agrees("/api/schedules", schedule_list)
+
+
+def test_api_workers_and_status_show_a_running_pool_and_its_current_job(fast, pool, dashboard, tmp_path):
+    pool("--count", "2")
+    assert wait_until(lambda: len([p for p in worker_list() if p["kind"] == "worker"]) == 2)
+    enqueue("-c", gate(), "--id", "busy")
+    assert wait_until(lambda: show("busy")["state"] == "processing")
+    assert wait_until(lambda: without_heartbeats(dashboard.get("/api/workers")) == without_heartbeats(worker_list()),
+                      interval=0.1)
+    workers = dashboard.get("/api/workers")
+    assert sorted(p["kind"] for p in workers) == ["supervisor", "worker", "worker"]
+    assert [p["current_job"] for p in workers if p["current_job"]] == ["busy"]
+    assert wait_until(lambda: without_heartbeats(dashboard.get("/api/status")["workers"])
+                      == without_heartbeats(status()["workers"]), interval=0.1)
+    assert dashboard.get("/api/status")["jobs"]["processing"] == 1
+    (tmp_path / "go").touch()
+    assert wait_until(lambda: show("busy")["state"] == "completed")
+
+
+# Every POST does what the command does, and the CLI sees it
+
+def test_post_cancel_cancels_a_pending_job_as_cancel_does_and_the_next_get_sees_it(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    assert dashboard.get("/api/jobs/j")["state"] == "pending"  # now in the snapshot
+    doc = dashboard.post("/api/jobs/j/cancel")
+    assert doc == show("j")
+    assert doc["state"] == "canceled"
+    assert dashboard.get("/api/jobs/j")["state"] == "canceled"  # a POST clears the snapshot
+
+
+def test_post_retry_puts_a_dead_job_back_to_pending_with_attempts_0(fast, dashboard):
+    dead_job("d")
+    doc = dashboard.post("/api/jobs/d/retry")
+    assert doc == show("d")
+    assert (doc["state"], doc["attempts"], [run["run"] for run in doc["runs"]]) == ("pending", 0, [1])
+    burst()
+    assert show("d")["state"] == "dead" and len(show("d")["runs"]) == 2
+
+
+def test_post_dlq_retry_and_purge_take_every_dead_job_and_say_how_many(fast, dashboard):
+    for job_id in ("d1", "d2", "d3"):
+        enqueue("-c", "exit 1", "--id", job_id, "--max-retries", "0")
+    enqueue("-c", "true", "--id", "ok")
+    enqueue("-c", "true", "--id", "gone", "--delay", "3600")
+    assert cli("cancel", "gone")[0] == 0
+    burst()
+    assert dashboard.post("/api/dlq/retry") == {"count": 3}
+    assert [(job["id"], job["attempts"]) for job in listed("--state", "pending")] == [
+        ("d3", 0), ("d2", 0), ("d1", 0)]
+    assert dashboard.post("/api/dlq/retry") == {"count": 0}
+    burst()
+    assert [job["id"] for job in listed("--state", "dead")] == ["d3", "d2", "d1"]
+    assert dashboard.post("/api/dlq/purge") == {"count": 3}
+    assert listed("--state", "dead") == []
+    assert [(job["id"], job["state"]) for job in all_jobs()] == [("gone", "canceled"), ("ok", "completed")]
+    assert dashboard.post("/api/dlq/purge") == {"count": 0}
+
+
+def test_post_queue_pause_and_resume_answer_the_queue_and_queue_list_agrees(db, dashboard):
+    enqueue("-c", "true", "--queue", "q1")
+    doc = dashboard.post("/api/queues/q1/pause")
+    assert doc == queue_of("q1")
+    assert doc["paused"] is True
+    doc = dashboard.post("/api/queues/q1/resume")
+    assert doc == queue_of("q1")
+    assert doc["paused"] is False
+    assert dashboard.post("/api/queues/empty/pause") == queue_of("empty")  # a queue with no jobs yet
+    assert queue_of("empty")["paused"] is True
+    assert dashboard.get("/api/queues") == queue_list()
+
+
+def test_post_schedule_pause_resume_and_run_answer_the_schedule_or_its_job(db, dashboard):
+    schedule_add("nightly", "0 0 * * *", "-c", "true")
+    doc = dashboard.post("/api/schedules/nightly/pause")
+    assert doc == schedule_show("nightly")
+    assert (doc["paused"], doc["next_tick_at"]) == (True, None)
+    doc = dashboard.post("/api/schedules/nightly/resume")
+    assert doc == schedule_show("nightly")
+    assert doc["paused"] is False and doc["next_tick_at"] is not None
+    job = dashboard.post("/api/schedules/nightly/run")
+    assert job == show(job["id"])
+    assert job["id"].startswith("nightly@run.") and job["state"] == "pending" and job["command"] == "true"
+    assert schedule_show("nightly")["last_job_id"] == job["id"]
+    assert dashboard.get("/api/schedules") == schedule_list()
+
+
+# Errors: {"error": one line} with 404, 409, 400, 405
+
+def test_unknown_jobs_schedules_and_routes_are_404_and_change_nothing(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    schedule_add("s", "0 0 * * *", "-c", "true")
+    before = everything()
+    for method, path in (("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/why"), ("GET", "/api/jobs/nope/output"),
+                         ("POST", "/api/jobs/nope/cancel"), ("POST", "/api/jobs/nope/retry"),
+                         ("POST", "/api/schedules/nope/pause"), ("POST", "/api/schedules/nope/resume"),
+                         ("POST", "/api/schedules/nope/run"), ("GET", "/api/nope"), ("GET", "/nope"),
+                         ("POST", "/api/nope"), ("GET", "/api/jobs/j/nope"), ("POST", "/api/queues/q1/nope"),
+                         ("GET", "/api/status/extra")):
+        dashboard.refused(method, path, 404)
+    assert everything() == before
+
+
+def test_a_job_in_the_wrong_state_is_409_and_unchanged(fast, dashboard):
+    enqueue("-c", "true", "--id", "done")
+    burst()
+    enqueue("-c", "true", "--id", "waiting", "--delay", "3600")
+    before = everything()
+    dashboard.refused("POST", "/api/jobs/done/cancel", 409)
+    dashboard.refused("POST", "/api/jobs/done/retry", 409)
+    dashboard.refused("POST", "/api/jobs/waiting/retry", 409)
+    assert everything() == before
+
+
+@pytest.mark.parametrize("path", [
+    "/api/jobs?limit=0", "/api/jobs?limit=501", "/api/jobs?limit=-1", "/api/jobs?limit=ten",
+    "/api/jobs?state=bogus", "/api/jobs?state=pending,bogus", "/api/jobs?queue=bad%20name",
+    "/api/jobs?queue=" + "q" * 65])
+def test_bad_input_to_the_job_list_is_400(db, dashboard, path):
+    enqueue("-c", "true", "--id", "j")
+    dashboard.refused("GET", path, 400)
+
+
+def test_a_bad_queue_name_to_pause_or_resume_is_400_and_changes_nothing(db, dashboard):
+    enqueue("-c", "true", "--queue", "q1")
+    before = everything()
+    for action in ("pause", "resume"):
+        dashboard.refused("POST", f"/api/queues/{'q' * 65}/{action}", 400)
+        dashboard.refused("POST", f"/api/queues/bad%20name/{action}", 400)
+    assert everything() == before
+
+
+def test_get_on_a_post_route_is_405_and_changes_nothing(fast, dashboard):
+    dead_job("d")
+    enqueue("-c", "true", "--id", "j")
+    schedule_add("s", "0 0 * * *", "-c", "true")
+    before = everything()
+    for path in ("/api/jobs/j/cancel", "/api/jobs/d/retry", "/api/dlq/retry", "/api/dlq/purge",
+                 "/api/queues/default/pause", "/api/schedules/s/pause", "/api/schedules/s/run"):
+        dashboard.refused("GET", path, 405)
+    for path in ("/api/status", "/api/jobs", "/api/jobs/j", "/api/queues", "/api/schedules", "/api/workers"):
+        dashboard.refused("POST", path, 405)
+    assert everything() == before
+
+
+# Refusals: the token, the Host, the Origin, --read-only
+
+def test_without_the_right_token_every_route_is_401_and_shows_no_job_data(db, dashboard):
+    enqueue("-c", "echo secret-command-text", "--id", "secret-job-id")
+    for token in (False, "wrong", dashboard.token[:-1], dashboard.token + "x"):
+        for method, path in (("GET", "/"), ("GET", "/app.js"), ("GET", "/api/status"), ("GET", "/api/jobs"),
+                             ("GET", "/api/jobs/secret-job-id"), ("POST", "/api/jobs/secret-job-id/cancel"),
+                             ("GET", "/nope")):
+            code, headers, data = dashboard.raw(method, path, token=token)
+            assert code == 401, (token, method, path, code, data)
+            assert list(json.loads(data)) == ["error"], data
+            assert b"secret" not in data and not headers.get("Set-Cookie")
+    code, _, data = dashboard.raw("GET", f"/api/jobs?token=wrong{dashboard.token}", token=False)
+    assert code == 401 and b"secret" not in data
+    code, _, data = dashboard.raw("GET", "/api/jobs", token=False,
+                                  headers={"Cookie": f"queuectl_token_{dashboard.port}=wrong"})
+    assert code == 401 and b"secret" not in data
+    assert show("secret-job-id")["state"] == "pending"
+
+
+def test_the_token_in_the_query_sets_an_httponly_strict_cookie_that_then_works_alone(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    code, headers, _ = dashboard.raw("GET", f"/?token={dashboard.token}", token=False)
+    assert code == 200
+    cookies = [value for value in headers.get_all("Set-Cookie") or [] if value.startswith("queuectl_token_")]
+    assert len(cookies) == 1, cookies
+    pair, *attributes = [part.strip() for part in cookies[0].split(";")]
+    assert pair == f"queuectl_token_{dashboard.port}={dashboard.token}"
+    assert {"httponly", "samesite=strict", "path=/"} <= {attribute.lower() for attribute in attributes}
+    cookie = {"Cookie": pair}
+    assert dashboard.get("/api/jobs/j", token=False, headers=cookie) == show("j")
+    code, _, _ = dashboard.raw("GET", "/api/status", token=False,
+                               headers={"Cookie": f"queuectl_token_{dashboard.port + 1}={dashboard.token}"})
+    assert code == 401  # the cookie of another port's dashboard is not this one's
+    assert dashboard.get(f"/api/jobs/j?token={dashboard.token}", token=False) == show("j")
+
+
+def test_a_bearer_token_works_on_every_get_route(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    for path in ("/", "/app.js", "/app.css", "/api/status", "/api/jobs", "/api/jobs/j", "/api/jobs/j/why",
+                 "/api/queues", "/api/schedules", "/api/workers"):
+        code, _, _ = dashboard.raw("GET", path)
+        assert code == 200, path
+
+
+@pytest.mark.parametrize("host", ["evil.example:{port}", "127.0.0.1:{other}", "localhost:{other}",
+                                  "127.0.0.1", "evil.example", "127.0.0.1.evil.example:{port}", None])
+def test_a_foreign_or_missing_host_header_is_403_even_with_the_token(db, dashboard, host):
+    enqueue("-c", "echo secret-command-text", "--id", "j")
+    headers = {"Host": None if host is None else host.format(port=dashboard.port, other=dashboard.port + 1)}
+    for method, path in (("GET", "/api/jobs/j"), ("GET", "/"), ("POST", "/api/jobs/j/cancel")):
+        assert "secret" not in dashboard.refused(method, path, 403, headers=headers)
+        code, _, data = dashboard.raw(method, path, token=False, headers=headers)
+        assert code == 403 and b"secret" not in data
+    assert show("j")["state"] == "pending"
+
+
+def test_localhost_with_the_right_port_is_this_servers_name_too(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    host = f"localhost:{dashboard.port}"
+    assert dashboard.get("/api/jobs/j", headers={"Host": host}) == show("j")
+    doc = dashboard.post("/api/jobs/j/cancel", headers={"Host": host, "Origin": f"http://{host}"})
+    assert doc["state"] == "canceled"
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://evil.example:{port}", "http://127.0.0.1:{other}",
+                                    "https://127.0.0.1:{port}", "http://localhost:{port}", "null"])
+def test_a_post_with_a_foreign_origin_is_403_and_changes_nothing(fast, dashboard, origin):
+    dead_job("d")
+    enqueue("-c", "true", "--id", "j")
+    before = everything()
+    headers = {"Origin": origin.format(port=dashboard.port, other=dashboard.port + 1)}
+    for path in ("/api/jobs/j/cancel", "/api/jobs/d/retry", "/api/dlq/purge", "/api/queues/default/pause"):
+        dashboard.refused("POST", path, 403, headers=headers)
+        dashboard.refused("POST", f"{path}?token={dashboard.token}", 403, headers=headers, token=False)
+    assert everything() == before
+
+
+def test_a_post_with_its_own_origin_or_a_script_without_one_is_done(db, dashboard):
+    for job_id in ("a", "b", "c"):
+        enqueue("-c", "true", "--id", job_id)
+    assert dashboard.post("/api/jobs/a/cancel", headers={"Origin": f"http://{dashboard.address}"})["state"] == "canceled"
+    assert dashboard.post("/api/jobs/b/cancel")["state"] == "canceled"  # a Bearer script needs no Origin
+    assert dashboard.post(f"/api/jobs/c/cancel?token={dashboard.token}", token=False)["state"] == "canceled"
+    assert [show(job_id)["state"] for job_id in ("a", "b", "c")] == ["canceled"] * 3
+
+
+def test_a_post_by_the_cookie_alone_needs_the_origin(db, dashboard):
+    enqueue("-c", "true", "--id", "j")
+    cookie = f"queuectl_token_{dashboard.port}={dashboard.token}"
+    before = everything()
+    dashboard.refused("POST", "/api/jobs/j/cancel", 403, token=False, headers={"Cookie": cookie})
+    dashboard.refused("POST", "/api/dlq/purge", 403, token=False, headers={"Cookie": cookie})
+    assert everything() == before
+    doc = dashboard.post("/api/jobs/j/cancel", token=False,
+                         headers={"Cookie": cookie, "Origin": f"http://{dashboard.address}"})
+    assert doc == show("j") and doc["state"] == "canceled"
+
+
+def test_read_only_refuses_every_post_with_403_and_changes_nothing_while_gets_work(fast, dashboard_server):
+    dead_job("d")
+    enqueue("-c", "true", "--id", "j", "--queue", "q1", "--delay", "3600")  # not due: status stays still
+    schedule_add("s", "0 0 * * *", "-c", "true")
+    assert cli("schedule", "pause", "s")[0] == 0
+    before = everything()
+    dash = dashboard_server("--read-only")
+    origin = {"Origin": f"http://{dash.address}"}
+    for path in ("/api/jobs/j/cancel", "/api/jobs/d/retry", "/api/dlq/retry", "/api/dlq/purge",
+                 "/api/queues/q1/pause", "/api/queues/q1/resume", "/api/schedules/s/pause",
+                 "/api/schedules/s/resume", "/api/schedules/s/run"):
+        assert dash.refused("POST", path, 403) == "the dashboard is read-only"
+        assert dash.refused("POST", path, 403, headers=origin) == "the dashboard is read-only"
+    assert everything() == before
+    assert dash.get("/api/status") == status()
+    assert dash.get("/api/jobs/d") == show("d")
+    assert dash.get("/api/queues") == queue_list()
+    assert dash.get("/api/schedules") == schedule_list()
+    assert dash.raw("GET", "/")[0] == 200
+
+
+# Job text is escaped; the page loads nothing from outside and holds no job text
+
+def test_script_in_job_text_comes_back_intact_as_json_yet_no_body_holds_a_raw_script_tag(fast, dashboard):
+    evil = "<script>alert(1)</script>"
+    enqueue(json.dumps({"id": "x", "command": f"echo '{evil}' && echo '{evil}' >&2 && exit 1 # &amp;",
+                        "max_retries": 0, "env": {"E": evil}}))
+    burst()
+    job = dashboard.get("/api/jobs/x")
+    assert job == show("x")
+    assert (job["command"], job["stdout"], job["stderr"], job["env"]) == (
+        f"echo '{evil}' && echo '{evil}' >&2 && exit 1 # &amp;", evil + "\n", evil + "\n", {"E": evil})
+    assert dashboard.get("/api/jobs/x/output")["data"] == evil + "\n"
+    for path in ("/api/jobs/x", "/api/jobs", "/api/jobs?q=" + urllib.parse.quote(evil), "/api/jobs/x/why",
+                 "/api/jobs/x/output", "/api/jobs/x/output?stream=stderr", "/api/status",
+                 "/api/jobs/" + urllib.parse.quote(evil), "/api/jobs?queue=" + urllib.parse.quote(evil),
+                 "/" + urllib.parse.quote(evil)):
+        for token in (True, False):
+            _, headers, data = dashboard.raw("GET", path, token=token)
+            assert b"<" not in data and b">" not in data and b"&" not in data, (path, data)
+            assert headers.get("Content-Type", "").startswith("application/json"), path
+    code, _, data = dashboard.raw("POST", "/api/jobs/x/retry")
+    assert code == 200 and b"<" not in data and json.loads(data)["command"] == job["command"]
+
+
+def test_every_response_carries_the_safety_headers_and_a_csp_with_no_foreign_source(db, dashboard):
+    foreign = {"Host": f"evil.example:{dashboard.port}"}
+    for method, path, token, headers in (
+            ("GET", "/", True, None), ("GET", "/app.js", True, None), ("GET", "/app.css", True, None),
+            ("GET", "/api/status", True, None), ("GET", "/api/nope", True, None), ("GET", "/", False, None),
+            ("POST", "/api/status", True, None), ("GET", "/api/jobs?limit=0", True, None),
+            ("GET", "/api/status", True, foreign)):
+        _, headers, _ = dashboard.raw(method, path, token=token, headers=headers)
+        for name, value in SAFETY_HEADERS.items():
+            assert headers.get(name) == value, (path, name, headers.get(name))
+        csp = headers.get("Content-Security-Policy") or ""
+        directives = {name: sources for name, *sources in (part.split() for part in csp.split(";") if part.strip())}
+        assert directives.get("default-src") in (["'self'"], ["'none'"]), (path, csp)
+        assert {source for sources in directives.values() for source in sources} <= LOCAL_SOURCES, (path, csp)
+
+
+def test_the_page_and_its_assets_hold_no_job_text_and_load_nothing_from_outside(db, dashboard):
+    enqueue("-c", "echo cmd-marker-91b2", "--id", "job-marker-7f3a")
+    code, headers, data = dashboard.raw("GET", "/")
+    assert code == 200 and headers.get("Content-Type", "").startswith("text/html")
+    page = data.decode()
+    assert "<html" in page.lower()
+    for path in ("/", "/app.js", "/app.css"):
+        code, _, data = dashboard.raw("GET", path)
+        assert code == 200, path
+        assert b"marker-7f3a" not in data and b"marker-91b2" not in data, path
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.IGNORECASE), page
+    assert not re.search(r"""@import|url\(\s*["']?(https?:)?//""", dashboard.raw("GET", "/app.css")[2].decode())
+
+
+# The token: given or random, never on stderr
+
+def test_queuectl_dashboard_token_is_the_token_and_otherwise_each_start_draws_a_new_one(db, dashboard_server):
+    given = dashboard_server(env={"QUEUECTL_DASHBOARD_TOKEN": "given-Token_42"})
+    assert given.token == "given-Token_42"
+    assert given.url == f"http://127.0.0.1:{given.port}/?token=given-Token_42"
+    assert given.raw("GET", "/api/status")[0] == 200
+    assert given.raw("GET", "/api/status", token="other")[0] == 401
+    first, second = dashboard_server(), dashboard_server()
+    assert first.token != second.token and len(first.token) >= 16 and first.port != second.port
+    assert "given-Token_42" not in (first.token, second.token)
+    assert first.raw("GET", "/api/status", token=second.token)[0] == 401
+
+
+def test_requests_are_logged_one_line_each_on_stderr_without_the_token(db, dashboard_server):
+    dash = dashboard_server(env={"QUEUECTL_DASHBOARD_TOKEN": "logged-never-42"})
+    assert dash.raw("GET", "/?token=logged-never-42", token=False)[0] == 200
+    assert dash.raw("GET", "/api/jobs?limit=5&token=logged-never-42", token=False)[0] == 200
+    assert dash.raw("GET", "/api/jobs?token=logged-never-42&limit=6", token=False)[0] == 200
+    assert dash.raw("GET", "/api/status?token=logged-never-4", token=False)[0] == 401
+    assert dash.raw("GET", "/api/workers")[0] == 200
+    assert dash.raw("POST", "/api/dlq/purge?token=logged-never-42", token=False)[0] == 200
+    expected = [("GET", "/", 200), ("GET", "/api/jobs?limit=5", 200), ("GET", "/api/jobs?limit=6", 200),
+                ("GET", "/api/status", 401), ("GET", "/api/workers", 200), ("POST", "/api/dlq/purge", 200)]
+    assert wait_until(lambda: logged_requests(dash.log()) == expected), dash.log()
+    assert "logged-never-4" not in dash.log()
+
+
+# Running it: the port, the signals
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_exit_2_with_one_error_line(db, port):
+    result = run("dashboard", "--port", port, timeout=30)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    error_line(result.stderr)
+
+
+def test_a_port_in_use_is_exit_1_with_one_error_line(db):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("dashboard", "--port", port, timeout=30)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert error_line(result.stderr).startswith(f"queuectl: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_stop_the_dashboard_with_exit_0_and_no_traceback_even_amid_requests(
+        db, dashboard_server, signum):
+    dash = dashboard_server()
+    stopped, served = threading.Event(), []
+
+    def client():
+        while not stopped.is_set():
+            try:
+                served.append(dash.raw("GET", "/api/status")[0])
+            except (OSError, http.client.HTTPException):  # the server is gone
+                return
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        assert wait_until(lambda: len(served) >= 20)
+        dash.proc.send_signal(signum)
+        assert dash.proc.wait(timeout=15) == 0
+    finally:
+        stopped.set()
+        for thread in clients:
+            thread.join(timeout=30)
+    assert set(served) == {200}
+    assert "Traceback" not in dash.log()
+
+
+# Many clients, one snapshot
+
+def test_many_clients_at_once_share_one_snapshot_of_a_get(db, dashboard):
+    """20 concurrent GET /api/status. Its oldest_runnable_age_s moves on every millisecond, so two bodies
+    computed apart differ; bodies that differ must come from snapshots a whole interval (1 s) apart."""
+    enqueue("-c", "true", "--id", "due")  # due, and no worker: its age grows while we look
+    barrier, bodies, errors = threading.Barrier(20), [], []
+
+    def client():
+        try:
+            barrier.wait(timeout=30)
+            code, _, data = dashboard.raw("GET", "/api/status")
+            assert code == 200, data
+            bodies.append(data)
+        except (AssertionError, OSError, threading.BrokenBarrierError) as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and len(bodies) == 20
+    ages = sorted({json.loads(body)["oldest_runnable_age_s"] for body in set(bodies)})
+    assert len(ages) == len(set(bodies))  # bodies that differ differ in the age
+    assert all(later - earlier >= 0.9 for earlier, later in itertools.pairwise(ages)), ages
+
 
 # ---------------------------------------------------------------------------
 # The dashboard in a real browser (Playwright, Debian's Chromium)
