@@ -5768,6 +5768,47 @@ def test_many_clients_at_once_share_one_snapshot_of_a_get(db, dashboard):
     assert all(later - earlier >= 0.9 for earlier, later in itertools.pairwise(ages)), ages
 
 
+# Faults a review found, each with the test that failed before its fix
+
+def test_another_sites_odd_cookie_on_localhost_does_not_hide_the_dashboards(dashboard):
+    cookie = f"queuectl_token_{dashboard.port}={dashboard.token}"
+    for other in ("x=a b", 'x={"a": 1}', 'x="u', "x=\u00e9"):
+        code, _, doc = dashboard.request("GET", "/api/status", token=False,
+                                         headers={"Cookie": f"{other}; {cookie}".encode().decode("latin-1")})
+        assert code == 200, (other, doc)
+
+
+def test_bad_request_lines_and_bodies_are_answered_without_a_traceback_and_the_server_goes_on(dashboard):
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.0\r\n\r\n",
+                f"POST /api/dlq/retry HTTP/1.0\r\nHost: {dashboard.address}\r\nContent-Length: abc\r\n\r\n".encode()):
+        with socket.create_connection((dashboard.host, dashboard.port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = sock.recv(100)  # a request line without a version is HTTP/0.9: an error page, no status line
+            assert answer.startswith((b"HTTP/1.0 4", b"<!DOCTYPE")), (raw[:40], answer)
+    socket.create_connection((dashboard.host, dashboard.port), timeout=10).close()  # a client that leaves at once
+    assert dashboard.get("/api/status")["jobs"]["pending"] == 0
+    assert "Traceback" not in dashboard.log()  # and the fixture checks it once more at the end
+
+
+def test_the_request_log_escapes_control_characters_and_redacts_the_token_however_it_is_spelled(dashboard):
+    with socket.create_connection((dashboard.host, dashboard.port), timeout=10) as sock:
+        sock.sendall(b"GET /\x1b]0;pwned\x07 HTTP/1.0\r\n\r\n")
+        sock.recv(100)
+    assert dashboard.request("GET", f"/api/status?%74oken={dashboard.token}", token=False)[0] == 200
+    assert wait_until(lambda: "/api/status?token=*** 200" in dashboard.log())
+    log = dashboard.log()
+    assert "\x1b" not in log and "\x07" not in log and "/\\x1b]0;pwned\\x07 " in log
+
+
+def test_the_job_list_can_leave_out_output_and_names_each_job_once(fast, dashboard):
+    enqueue("-c", "echo loud", "--id", "loud")
+    burst()
+    full = dashboard.get("/api/jobs?state=completed,completed")
+    assert [job["id"] for job in full["jobs"]] == ["loud"] and full["jobs"][0]["stdout"] == "loud\n"
+    brief = dashboard.get("/api/jobs?state=completed&brief=1")["jobs"]
+    assert brief == [{key: value for key, value in full["jobs"][0].items() if key not in ("stdout", "stderr")}]
+
+
 # ---------------------------------------------------------------------------
 # The dashboard in a real browser (Playwright, Debian's Chromium)
 # ---------------------------------------------------------------------------
