@@ -64,9 +64,7 @@ def db(tmp_path, monkeypatch):
         monkeypatch.setenv("QUEUECTL_PG_SCHEMA", schema)
         monkeypatch.setenv("QUEUECTL_DB", PG_URL)
         yield PG_URL
-        disagreeing = pg_jobs_whose_runs_disagree(schema)
-        kept, counted = pg_counts_kept_and_counted(schema)
-        drop_pg_schema(schema)
+        disagreeing, kept, counted = pg_checks_then_drop(schema)
         assert disagreeing == []
         assert kept == counted
         return
@@ -105,30 +103,26 @@ def jobs_whose_runs_disagree(path):
         return []
 
 
-def pg_jobs_whose_runs_disagree(schema):
-    """DISAGREEING_RUNS_SQL in a test's PostgreSQL schema; [] if it has no tables (yet)."""
+def pg_checks_then_drop(schema):
+    """(DISAGREEING_RUNS_SQL's rows, counts kept, counts counted) of a test's schema, read in one snapshot,
+    then the schema dropped: one connection (a login costs CPU on both sides, and every test makes one)."""
     import psycopg
     with psycopg.connect(PG_URL, autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".runs',)).fetchone()[0] is None:
-            return []
-        conn.execute(f'SET search_path TO "{schema}"')
-        return conn.execute(DISAGREEING_RUNS_SQL).fetchall()
-
-
-def pg_counts_kept_and_counted(schema):
-    """(job_counts with its changes, a GROUP BY count) in one snapshot of a test's schema; ({}, {}) without tables."""
-    import psycopg
-    with psycopg.connect(PG_URL) as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # both reads in one snapshot
-        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".job_count_changes',)).fetchone()[0] is None:
-            return {}, {}
-        conn.execute(f'SET search_path TO "{schema}"')
-        kept = {(queue, state): n for queue, state, n in conn.execute(
-            "SELECT queue, state, sum(n) FROM (SELECT * FROM job_counts UNION ALL SELECT * FROM job_count_changes) c "
-            "GROUP BY queue, state") if n}
-        counted = {(queue, state): n for queue, state, n in conn.execute(
-            "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
-        return kept, counted
+        try:
+            if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".job_count_changes',)).fetchone()[0] is None:
+                return [], {}, {}  # no tables yet, or of another version
+            conn.execute(f'SET search_path TO "{schema}"')
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                disagreeing = conn.execute(DISAGREEING_RUNS_SQL).fetchall()
+                kept = {(queue, state): n for queue, state, n in conn.execute(
+                    "SELECT queue, state, sum(n) FROM (SELECT * FROM job_counts UNION ALL "
+                    "SELECT * FROM job_count_changes) c GROUP BY queue, state") if n}
+                counted = {(queue, state): n for queue, state, n in conn.execute(
+                    "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
+            return disagreeing, kept, counted
+        finally:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def drop_pg_schema(schema):
