@@ -641,10 +641,12 @@ OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues
 #       :named (or ?) parameters; rows read by name or by position
 #   transaction()        one change, all or nothing
 #   now()                the clock every lease and schedule is measured on
-#   waiting_at_most(s)   how long a statement may wait for another's lock
+#   waiting_at_most(s), set_lock_wait(s), lock_wait_s: how long a statement
+#       may wait for another's lock (for a block, from now on, said last)
 #   claim_query(queues), BECOME_DUE_SQL, PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL:
 #       the claim's SQL
-#   count_jobs(), add_to_counts(counts), has_work(queues): the job counts
+#   count_jobs(), add_to_counts(counts), fold_counts(), has_work(queues): the
+#       job counts
 #   listen(worker_id), wake_source(), drain_wakeups(source), wake_workers():
 #       waking idle workers
 #   schema_version(), set_schema_version(v), foreign_tables(), MIGRATIONS
@@ -1013,8 +1015,9 @@ class SqliteEngine(Engine):
         self.path = path
         self.location = os.path.abspath(path)
         self.wake_sock = None
+        self.lock_wait_s = busy_timeout_s()  # what set_lock_wait() said last
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout_s(), isolation_level=None,
+            self.conn = sqlite3.connect(path, timeout=self.lock_wait_s, isolation_level=None,
                                         check_same_thread=False)
         except sqlite3.Error as e:
             raise self.error(e) from e
@@ -1066,6 +1069,7 @@ class SqliteEngine(Engine):
     def set_lock_wait(self, seconds):
         """How long a statement may wait for another process's write lock (the busy timeout)."""
         self.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        self.lock_wait_s = seconds
 
     def now(self):
         """Epoch seconds: every process of the one host shares the clock."""
@@ -3826,12 +3830,14 @@ class Worker:
 
     def register(self, give_up_s=None):
         """Add (or add again) this worker to the registry, patient for give_up_s (default: self.patience_s)."""
+        self.apply_patience()
         retry_busy(register_process, self.conn, self.worker_id, "worker", self.supervisor_id, self.queues,
                    self.wake_addr, give_up_s=self.patience_s if give_up_s is None else give_up_s,
                    is_wanted=lambda: not self.should_stop())
 
     def db(self, operation, *args):
         """operation(self.conn, *args), patient with a locked database for self.patience_s."""
+        self.apply_patience()
         return retry_busy(operation, self.conn, *args, give_up_s=self.patience_s)
 
     def insist(self, operation, *args):
@@ -3849,14 +3855,24 @@ class Worker:
             if not is_transient(e):
                 raise
             log(f"{self.label} is waiting to write job {self.job['id'] if self.job else '?'}: {e}")
+        self.apply_patience()
         result = retry_busy(operation, self.conn, *args, give_up_s=math.inf)
         log(f"{self.label} could write again")
         return result
 
     def set_patience(self, seconds):
-        """How long a database call may wait for a lock: short while a job runs (see watch)."""
+        """How long a database call may wait for a lock: short while a job runs (see watch).
+
+        The connection is told at its next call (see db), not now: a job that
+        ends before its first tick then costs no statement for it (two fewer
+        per job, round trips on PostgreSQL).
+        """
         self.patience_s = seconds
-        self.conn.set_lock_wait(seconds)
+
+    def apply_patience(self):
+        """Give the connection the lock wait set last, if it has another."""
+        if self.conn.lock_wait_s != self.patience_s:
+            self.conn.set_lock_wait(self.patience_s)
 
     def should_stop(self):
         """Stop claiming when told to, or when the supervisor is gone (we were orphaned)."""
