@@ -938,8 +938,8 @@ class Engine:
     @contextmanager
     def waiting_at_most(self, seconds):
         """Statements inside wait at most this long for another's lock, then fail busy."""
-        self.set_lock_wait(seconds)
         try:
+            self.set_lock_wait(seconds)  # inside: a connection lost here is still set back below
             yield self
         finally:
             self.set_lock_wait(busy_timeout_s())

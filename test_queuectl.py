@@ -109,17 +109,22 @@ def pg_checks_then_drop(schema):
     import psycopg
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         try:
-            if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".job_count_changes',)).fetchone()[0] is None:
-                return [], {}, {}  # no tables yet, or of another version
+            def has(table):
+                return conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()[0] is not None
+
+            has_runs, has_counts = has("runs"), has("job_count_changes")  # none before its version
             conn.execute(f'SET search_path TO "{schema}"')
+            disagreeing, kept, counted = [], {}, {}
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                disagreeing = conn.execute(DISAGREEING_RUNS_SQL).fetchall()
-                kept = {(queue, state): n for queue, state, n in conn.execute(
-                    "SELECT queue, state, sum(n) FROM (SELECT * FROM job_counts UNION ALL "
-                    "SELECT * FROM job_count_changes) c GROUP BY queue, state") if n}
-                counted = {(queue, state): n for queue, state, n in conn.execute(
-                    "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
+                if has_runs:
+                    disagreeing = conn.execute(DISAGREEING_RUNS_SQL).fetchall()
+                if has_counts:
+                    kept = {(queue, state): n for queue, state, n in conn.execute(
+                        "SELECT queue, state, sum(n) FROM (SELECT * FROM job_counts UNION ALL "
+                        "SELECT * FROM job_count_changes) c GROUP BY queue, state") if n}
+                    counted = {(queue, state): n for queue, state, n in conn.execute(
+                        "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")}
             return disagreeing, kept, counted
         finally:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -869,7 +874,8 @@ def pool(tmp_path):
         kill_group(proc.pid)
         proc.wait(timeout=10)
     for pid in processes_in(tmp_path):
-        kill_group(os.getpgid(pid))
+        with contextlib.suppress(ProcessLookupError):  # it may end between the listing and this
+            kill_group(os.getpgid(pid))
 
 
 def processes_in(directory):
