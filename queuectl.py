@@ -5071,8 +5071,12 @@ def page_of_jobs(conn, states=None, queue=None, text=None, limit=JOBS_PAGE, befo
     names where to go on, so no request ever reads the whole table.
     """
     below = get_job(conn, before)["seq"] if before is not None else LATEST_SEQ
-    walks = [("state = ?", [state]) for state in states] if states else [("queue = ?", [queue])] if queue else [
-        ("1 = 1", [])]
+    if states:
+        walks = [("state = ?", [state]) for state in states]  # jobs_by_state, once per state
+    elif queue:
+        walks = [("queue = ?", [queue])]  # jobs_by_queue
+    else:
+        walks = [("1 = 1", [])]  # the primary key
     checks, check_params = [], []
     if states and queue:
         checks.append("queue = ?")
