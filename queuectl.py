@@ -620,12 +620,24 @@ def schema_v6(text_type):
 
 SCHEMA_V6 = schema_v6("TEXT")
 
+# Version 8, the same on both engines: has_dependents says that a job may
+# have dependents. It is set, in a transaction of its own, before any
+# dependent of the job is added (mark_dependencies), and never cleared. A
+# worker that finds it unset when it records the job's end (in the same
+# statement) knows no dependent can be waiting: it records the end in one
+# statement, without holding the job as a dependency (see record_run).
+SCHEMA_V8 = [
+    "ALTER TABLE jobs ADD COLUMN has_dependents INTEGER NOT NULL DEFAULT 0",
+    "UPDATE jobs SET has_dependents = 1 WHERE id IN (SELECT depends_on FROM deps)",
+]
+
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Version 7 is PostgreSQL's job_counts (SQLite has kept its own since version 2).
-SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6, 7: []}
+SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6, 7: [],
+                     8: SCHEMA_V8}
 OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules", "job_count_changes"}
 
 
@@ -834,38 +846,65 @@ BLOCKED_QUEUE_SQL = """
 """
 
 
+# A pending or failed job whose run_at has come but that is not marked due
+# yet. A job whose canceled run is still being stopped (its lease token kept by
+# cancel_jobs) waits until that run is gone or its lease has run out: a job
+# never runs twice at once, not even after cancel + retry.
+BECAME_DUE_SQL = """is_due = 0
+      AND run_at <= :now
+      AND (lease_token IS NULL OR lease_until < :now)"""
+
+
+def claim_update_sql(seq):
+    """The claim's write: the job whose seq is `seq` (a parameter or a subquery) becomes processing."""
+    return f"""
+    UPDATE jobs
+    SET state = 'processing',
+        attempts = attempts + 1,
+        last_run = last_run + 1,
+        worker_id = :worker_id,
+        lease_token = :lease_token,
+        lease_until = :lease_until,
+        run_host = :host,
+        started_at = :now,
+        updated_at = :now
+    WHERE seq = {seq}
+      AND state IN ('pending', 'failed')
+    """
+
+
+CLAIM_UPDATE_SQL = claim_update_sql(":seq")
+
+
 def claim_statements(ready, by_run_at, skip_locked):
     """The claim's SQL, written once; each engine gives its index hints and row locking.
 
     BECOME_DUE_SQL finds, oldest first, jobs whose run_at has come, through
-    jobs_by_run_at: never the jobs still scheduled for later. A job whose
-    canceled run is still being stopped (its lease token kept by cancel_jobs)
-    waits until that run is gone or its lease has run out: a job never runs
-    twice at once, not even after cancel + retry. PROMOTE_DUE_SQL marks them
-    due. CLAIM_SELECT_SQL takes the best due job through jobs_ready, whose
-    order is its ORDER BY. OLDEST_RUN_AT_SQL is one step into jobs_by_run_at.
+    jobs_by_run_at: never the jobs still scheduled for later. PROMOTE_DUE_SQL
+    marks them due. CLAIM_SELECT_SQL takes the best due job through
+    jobs_ready, whose order is its ORDER BY ({due} is is_due = 1 there; the
+    one-statement claim also asks it of the jobs that became due, through
+    jobs_by_run_at). OLDEST_RUN_AT_SQL is one step into jobs_by_run_at.
     """
     become_due = f"""
     SELECT seq
     FROM jobs {by_run_at}
     WHERE state IN ('pending', 'failed')
       AND deps_left = 0
-      AND is_due = 0
-      AND run_at <= :now
-      AND (lease_token IS NULL OR lease_until < :now)
+      AND {BECAME_DUE_SQL}
     ORDER BY run_at
     LIMIT :batch
     """
     promote_due = f"UPDATE jobs SET is_due = 1 WHERE seq IN ({become_due} {skip_locked})"
     claim_select = f"""
-    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries, queue, last_run,
+    SELECT seq, id, command, env, cwd, timeout_s, attempts, max_retries, queue, last_run, priority, is_due,
            state AS state_before, last_error AS last_error_before, started_at AS started_at_before,
            updated_at AS updated_at_before, lease_token AS token_before,
            (SELECT max_running FROM queues WHERE queues.queue = jobs.queue) AS queue_limit
     FROM jobs {ready}
     WHERE state IN ('pending', 'failed')
       AND deps_left = 0
-      AND is_due = 1
+      AND {{due}}
       AND NOT EXISTS ({BLOCKED_QUEUE_SQL})
       {{queue_filter}}
     ORDER BY priority DESC, seq
@@ -882,7 +921,33 @@ def claim_statements(ready, by_run_at, skip_locked):
     return become_due, promote_due, claim_select, oldest_run_at
 
 
-ClaimQuery = collections.namedtuple("ClaimQuery", "sql params queues full")
+# The whole claim as one statement (PostgreSQL: one round trip, its own
+# transaction). It looks at the best job marked due and at the best one whose
+# time came since the last promotion (both through their indexes, each locked
+# and skipped if another claimer holds it), takes the better of the two,
+# and counts (up to 2) the jobs still waiting to be marked due. A job of a
+# limited queue, or one whose canceled run's worker was lost, is chosen but
+# not taken: claim() takes it the long way (see claim_in_one_statement).
+ONE_STATEMENT_CLAIM_SQL = """
+WITH ready AS ({ready}),
+     became_due AS ({became_due}),
+     chosen AS (
+         SELECT *
+         FROM (SELECT * FROM ready UNION ALL SELECT * FROM became_due) AS candidates
+         ORDER BY priority DESC, seq
+         LIMIT 1),
+     claimed AS ({claim_update} RETURNING seq)
+SELECT chosen.*,
+       claimed.seq IS NOT NULL AS is_claimed,
+       (SELECT count(*) FROM ({count_became_due}) AS waiting) AS became_due_left
+FROM (SELECT 1) AS one
+LEFT JOIN chosen ON true
+LEFT JOIN claimed ON true
+"""
+TAKEN_IN_ONE_STATEMENT = "(SELECT seq FROM chosen WHERE coalesce(queue_limit, 0) = 0 AND token_before IS NULL)"
+
+
+ClaimQuery = collections.namedtuple("ClaimQuery", "sql params queues full one_statement")
 
 
 class Result:
@@ -910,6 +975,9 @@ class Engine:
     SKIP_LOCKED = ""  # ends the claim's read: rows another claimer holds are passed over
     location = None  # where the queue is, for people (`init`)
     CALLS_CAN_HANG = False  # whether a statement can block past the fence (a network that went silent)
+    # Whether a claim, and the end of a run, can each be one statement (a WITH
+    # that writes): one round trip each where the database is far away.
+    ONE_STATEMENT_WRITES = False
 
     def hold_dependency(self, job_id):
         """Keep job_id from settling its dependents until we commit (SQLite's write lock does it)."""
@@ -931,9 +999,17 @@ class Engine:
         if only is not None:
             queue_filter += " AND queue = :only"
             skipped["only"] = only
-        sql = self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter,
+        sql = self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter, due="is_due = 1",
                                            locking=self.SKIP_LOCKED if only is None else self.LOCK_FOR_UPDATE)
-        return ClaimQuery(sql, {**names, **skipped}, tuple(queues), tuple(full))
+        one_statement = None
+        if self.ONE_STATEMENT_WRITES and only is None:
+            one_statement = ONE_STATEMENT_CLAIM_SQL.format(
+                ready=sql,
+                became_due=self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter, due=BECAME_DUE_SQL,
+                                                        locking=self.SKIP_LOCKED),
+                claim_update=claim_update_sql(TAKEN_IN_ONE_STATEMENT),
+                count_became_due=self.BECOME_DUE_SQL)
+        return ClaimQuery(sql, {**names, **skipped}, tuple(queues), tuple(full), one_statement)
 
     @contextmanager
     def waiting_at_most(self, seconds):
@@ -1381,7 +1457,8 @@ PG_SCHEMA_V7 = [
 ]
 
 # PostgreSQL came with version 3: its first step is the whole schema.
-PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text"), 7: PG_SCHEMA_V7}
+PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text"), 7: PG_SCHEMA_V7,
+                 8: SCHEMA_V8}
 CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
@@ -1466,6 +1543,7 @@ class PostgresEngine(Engine):
     LOCK_FOR_UPDATE = "FOR UPDATE"
     SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
     CALLS_CAN_HANG = True
+    ONE_STATEMENT_WRITES = True
 
     # The claim's statements (see claim_statements): claimers skip the rows others hold.
     BECOME_DUE_SQL, PROMOTE_DUE_SQL, CLAIM_SELECT_SQL, OLDEST_RUN_AT_SQL = claim_statements(
@@ -1759,10 +1837,10 @@ def set_config(conn, key, value):
 
 INSERT_JOB_SQL = """
 INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, cwd,
-                  depends_on, deps_left, state, run_at, is_due, last_error,
+                  depends_on, deps_left, has_dependents, state, run_at, is_due, last_error,
                   created_at, updated_at, finished_at)
 VALUES (:id, :command, :queue, :priority, :max_retries, :timeout_s, :delay_s, :env, :cwd,
-        :depends_on, :deps_left, :state, :run_at, :is_due, :last_error,
+        :depends_on, :deps_left, :has_dependents, :state, :run_at, :is_due, :last_error,
         :created_at, :updated_at, :finished_at)
 """
 
@@ -1850,7 +1928,7 @@ def job_row(spec, config, now):
         "env": json.dumps(check_env(spec["env"])) if "env" in spec else "{}",
         "cwd": cwd,
         "depends_on": check_depends_on(spec["depends_on"]) if "depends_on" in spec else [],
-        "deps_left": 0, "state": "pending", "run_at": run_at, "is_due": int(run_at <= now), "last_error": None,
+        "deps_left": 0, "has_dependents": 0, "state": "pending", "run_at": run_at, "is_due": int(run_at <= now), "last_error": None,
         "created_at": now, "updated_at": now, "finished_at": None,
     }
 
@@ -1868,6 +1946,8 @@ def link_dependencies(conn, rows, line_of):
                 raise UsageError(f"{line_of(row)}depends_on: job '{dep}' cannot depend on itself")
             if dep not in earlier and dep not in stored:  # each dependency held and read once
                 stored[dep] = dependency_state(conn, dep)
+            if dep in earlier:
+                earlier[dep]["has_dependents"] = 1
             state = earlier[dep]["state"] if dep in earlier else stored[dep]
             if state is None:
                 raise QueueError(f"{line_of(row)}depends_on: job '{dep}' not found")
@@ -1904,6 +1984,7 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
     unless if_absent, which skips the jobs whose id exists.
     """
     line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
+    mark_dependencies(conn, {dep for row in rows for dep in row["depends_on"]})
     try:
         with conn.transaction():
             rows = insert_job_rows(conn, rows, if_absent, line_of)
@@ -1917,6 +1998,22 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
         raise QueueError(f"{line_of(clash)}job '{clash['id']}' already exists "
                          "(--if-absent skips existing ids)") from None
     return [row["id"] for row in rows]
+
+
+def mark_dependencies(conn, job_ids):
+    """Set has_dependents on the jobs that new jobs will depend on, committed before those are added.
+
+    In a transaction of its own, before the enqueue's: a worker recording one
+    of these jobs' end then either sees the flag and settles dependents the
+    long way, or changed the job first, and the enqueue sees its end (see
+    SCHEMA_V8). Kept short, so the job's worker is never held up renewing
+    its lease. A flag set for an enqueue that then fails costs only the long
+    way at that job's end.
+    """
+    if job_ids:
+        with conn.transaction():
+            conn.executemany("UPDATE jobs SET has_dependents = 1 WHERE id = ? AND has_dependents = 0",
+                             [(job_id,) for job_id in sorted(job_ids)])
 
 
 def insert_job_rows(conn, rows, if_absent=False, line_of=lambda row: ""):
@@ -1958,21 +2055,6 @@ def drop_duplicates(conn, rows, if_absent, line_of):
 # Queue operations: claim, finish, retry rules
 # ---------------------------------------------------------------------------
 
-CLAIM_UPDATE_SQL = """
-UPDATE jobs
-SET state = 'processing',
-    attempts = attempts + 1,
-    last_run = last_run + 1,
-    worker_id = :worker_id,
-    lease_token = :lease_token,
-    lease_until = :lease_until,
-    run_host = :host,
-    started_at = :now,
-    updated_at = :now
-WHERE seq = :seq
-  AND state IN ('pending', 'failed')
-"""
-
 # Used for every end of a run. The lease token fences it: a worker that lost
 # its lease (paused, resumed late) matches no row and changes nothing.
 RECORD_RUN_SQL = """
@@ -1980,9 +2062,9 @@ UPDATE jobs
 SET state = :state,
     exit_code = :exit_code,
     last_error = :last_error,
-    stdout = :stdout,
+    stdout = :stdout_text,
     stdout_cut = :stdout_cut,
-    stderr = :stderr,
+    stderr = :stderr_text,
     stderr_cut = :stderr_cut,
     run_at = coalesce(:retry_at, run_at),
     is_due = 0,
@@ -2001,20 +2083,39 @@ WHERE seq = :seq
 # ends, in the same transaction as its job's change, or earlier when its
 # worker flushes its output. So a claim writes nothing more than the job.
 # Output given as NULL keeps what was flushed last (a lost worker's run).
-FINISH_RUN_SQL = """
-INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, finished_at, outcome, exit_code, error,
-                  stdout, stdout_bytes, stderr, stderr_bytes)
-VALUES (:seq, :run, :attempt, :worker_id, :host, :started_at, :now, :outcome, :exit_code, :error,
-        :stdout_or_none, :stdout_bytes_or_0, :stderr_or_none, :stderr_bytes_or_0)
-ON CONFLICT (job_seq, run) DO UPDATE
-SET outcome = excluded.outcome,
-    exit_code = excluded.exit_code,
-    error = excluded.error,
-    finished_at = excluded.finished_at,
-    stdout = coalesce(:stdout, runs.stdout),
-    stdout_bytes = coalesce(:stdout_bytes, runs.stdout_bytes),
-    stderr = coalesce(:stderr, runs.stderr),
-    stderr_bytes = coalesce(:stderr_bytes, runs.stderr_bytes)
+def finish_run_sql(source=""):
+    """The run's row, inserted or completed: for each row of `source` (a FROM clause), or once."""
+    return f"""
+    INSERT INTO runs (job_seq, run, attempt, worker_id, host, started_at, finished_at, outcome, exit_code, error,
+                      stdout, stdout_bytes, stderr, stderr_bytes)
+    SELECT :seq, :run, :attempt, :worker_id, :host, :started_at, :now, :outcome, :exit_code, :error,
+           :stdout_or_none, :stdout_bytes_or_0, :stderr_or_none, :stderr_bytes_or_0
+    {source}
+    WHERE true  -- SQLite: without a WHERE, ON CONFLICT would be read as a join's ON
+    ON CONFLICT (job_seq, run) DO UPDATE
+    SET outcome = excluded.outcome,
+        exit_code = excluded.exit_code,
+        error = excluded.error,
+        finished_at = excluded.finished_at,
+        stdout = coalesce(:stdout, runs.stdout),
+        stdout_bytes = coalesce(:stdout_bytes, runs.stdout_bytes),
+        stderr = coalesce(:stderr, runs.stderr),
+        stderr_bytes = coalesce(:stderr_bytes, runs.stderr_bytes)
+    """
+
+
+FINISH_RUN_SQL = finish_run_sql()
+
+# The end of a run in one statement (engines with ONE_STATEMENT_WRITES): the
+# job's change and its run's row, for a job with no dependents. The flag is
+# read on the row being changed, its newest version: a dependent being added
+# has set it first (mark_dependencies), so this matches nothing then, and the
+# end is recorded the long way, holding the job as a dependency.
+ONE_STATEMENT_RECORD_SQL = f"""
+WITH recorded AS ({RECORD_RUN_SQL}  AND has_dependents = 0
+                  RETURNING seq),
+     kept AS ({finish_run_sql("FROM recorded")})
+SELECT count(*) FROM recorded
 """
 
 # A running job's output so far (flush_output), fenced by the lease token like
@@ -2088,6 +2189,10 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
     """
     claimed_at = time.monotonic()  # before any lock wait: the lease runs from here at the latest
     now = conn.now() if now is None else now
+    if claim_query.one_statement is not None:
+        job = claim_in_one_statement(conn, worker_id, claim_query, lease_s, now, claimed_at)
+        if job is not TAKE_THE_LONG_WAY:
+            return job
     promote_due_jobs(conn, now)
     while True:
         with conn.transaction():
@@ -2104,6 +2209,34 @@ def claim(conn, worker_id, claim_query, lease_s, now=None):
             if job is not None:
                 return take_job(conn, job, worker_id, lease_s, now, claimed_at)
         claim_query = conn.claim_query(claim_query.queues, claim_query.full + (queue,))  # full: the next best
+
+
+TAKE_THE_LONG_WAY = object()  # what claim_in_one_statement returns for a job it chose but may not take
+
+
+def claim_in_one_statement(conn, worker_id, claim_query, lease_s, now, claimed_at):
+    """claim() in one statement, one round trip (see ONE_STATEMENT_CLAIM_SQL): the job, None, or TAKE_THE_LONG_WAY.
+
+    The best job is chosen among those marked due and those whose time came
+    since, so nothing waits to be promoted first. Jobs whose time came and
+    that were not taken are marked due after the claim (a batch at a time),
+    so the next claims look at them through jobs_ready. TAKE_THE_LONG_WAY: the
+    best job is of a limited queue, or has a canceled run to end first; the
+    caller claims it as on any engine.
+    """
+    token = os.urandom(8).hex()
+    row = conn.execute(claim_query.one_statement, {
+        **claim_query.params, "now": now, "batch": 2, "worker_id": worker_id, "lease_token": token,
+        "lease_until": now + lease_s, "host": HOST}).fetchone()
+    taken_from_became_due = row["is_claimed"] and row["is_due"] == 0
+    if row["became_due_left"] > taken_from_became_due:
+        promote_due_jobs(conn, now)
+    if row["seq"] is None:
+        return None
+    if not row["is_claimed"]:
+        return TAKE_THE_LONG_WAY
+    return dict(row, attempts=row["attempts"] + 1, last_run=row["last_run"] + 1, lease_token=token,
+                claimed_at=claimed_at, worker_id=worker_id, run_host=HOST, started_at=now)
 
 
 def take_job(conn, job, worker_id, lease_s, now, claimed_at):
@@ -2183,6 +2316,10 @@ def record_run(conn, job, result, config, now=None):
     Completion releases the job's dependents; death cancels them.
     """
     now = conn.now() if now is None else now
+    if conn.ONE_STATEMENT_WRITES:  # one round trip for a job with no dependents, still ours
+        params = record_params(job, result, config, now)
+        if conn.execute(ONE_STATEMENT_RECORD_SQL, {**params, **run_params(job, result, now)}).fetchone()[0]:
+            return params["state"]
     with conn.transaction():
         state = write_run(conn, job, result, config, now)
         if state is None:
@@ -2219,23 +2356,27 @@ def run_params(job, result, now, outcome=None, error=None):
     return params
 
 
-def write_run(conn, job, result, config, now):
-    """record_run's writes, inside a transaction the caller holds."""
+def record_params(job, result, config, now):
+    """RECORD_RUN_SQL's parameters: the job's state after this run, and the run's end."""
     if result.is_success:
         state, retry_at = "completed", None
     else:
         state, retry_at = state_after_failure(job["attempts"], job["max_retries"], config, now)
-    written = conn.execute(RECORD_RUN_SQL, {
-        "seq": job["seq"], "lease_token": job["lease_token"], "state": state,
-        "exit_code": result.exit_code, "last_error": result.error,
-        "stdout": result.stdout, "stdout_cut": result.stdout_cut,
-        "stderr": result.stderr, "stderr_cut": result.stderr_cut,
-        "retry_at": retry_at, "now": now}).rowcount
-    if not written:
+    return {"seq": job["seq"], "lease_token": job["lease_token"], "state": state,
+            "exit_code": result.exit_code, "last_error": result.error,
+            "stdout_text": result.stdout, "stdout_cut": result.stdout_cut,
+            "stderr_text": result.stderr, "stderr_cut": result.stderr_cut,
+            "retry_at": retry_at, "now": now}
+
+
+def write_run(conn, job, result, config, now):
+    """record_run's writes, inside a transaction the caller holds."""
+    params = record_params(job, result, config, now)
+    if not conn.execute(RECORD_RUN_SQL, params).rowcount:
         return None
     conn.execute(FINISH_RUN_SQL, run_params(job, result, now))
-    settle_dependents(conn, job["id"], state, now)
-    return state
+    settle_dependents(conn, job["id"], params["state"], now)
+    return params["state"]
 
 
 def settle_dependents(conn, job_id, state, now):
@@ -6103,6 +6244,8 @@ BENCH_LARGE_JOBS = 1_000_000  # (f)
 BENCH_LARGE_ROUNDS = 3  # (f): bursts on each database, alternately
 BENCH_LARGE_OUTPUT = 1_000_000_000  # (g): bytes the job writes to stdout
 BENCH_FUTURE_JOBS = 100_000  # (h): jobs due in a year, beside the ones being claimed
+BENCH_FAR_JOBS = 500  # (k): jobs through PostgreSQL BENCH_DELAY_S away
+BENCH_DELAY_S = 0.001  # (k): how far away: each round trip takes this much more
 
 # W copies of this run side by side for (a)'s baseline: a process that only
 # spawns `/bin/sh -c true` and waits, as fast as it can. argv: seconds, start time.
@@ -6422,7 +6565,32 @@ class Bench:
             finally:
                 self.stop_pool(pool)
         row = self.pickup_row(latencies)
-        return rows + [("j", row[1].replace("pickup latency", "PostgreSQL pickup latency (NOTIFY)"), *row[2:])]
+        rows.append(("j", row[1].replace("pickup latency", "PostgreSQL pickup latency (NOTIFY)"), *row[2:]))
+        return rows + self.round_trips(url)
+
+    # -- (k) PostgreSQL's round trips, and a server 1 ms away ----------------------------
+
+    def round_trips(self, url):
+        """(k) statements and transactions per job on PostgreSQL, and jobs/s per worker 1 ms away."""
+        with bench_schema(url, "bench_round_trips"):
+            self.cli(url, "init")
+            before = server_statement_counts(url)
+            self.burst_rate(url, BENCH_JOBS, BENCH_WORKERS)
+            after = server_statement_counts(url)
+        per_job = {key: (after[key] - before[key]) / BENCH_JOBS if after[key] is not None else None
+                   for key in after}
+        statements = (f"{per_job['statements']:.2f} statements" if per_job["statements"] is not None
+                      else "statements: load pg_stat_statements to count them")
+        rows = [bench_row("k", f"{BENCH_JOBS} x `true`, {BENCH_WORKERS} workers on PostgreSQL: per job",
+                          f"{statements}, {per_job['transactions']:.2f} transactions", "≤ 3 round trips",
+                          per_job["statements"] <= 3 if per_job["statements"] is not None else None)]
+        with DelayProxy(url, BENCH_DELAY_S) as far_url, bench_schema(url, "bench_far"):
+            self.cli(far_url, "init")
+            rate = self.burst_rate(far_url, BENCH_FAR_JOBS, BENCH_WORKERS)
+        rows.append(bench_row("k", f"{BENCH_FAR_JOBS} x `true`, {BENCH_WORKERS} workers, PostgreSQL "
+                                   f"{BENCH_DELAY_S * 1000:g} ms away", f"{rate / BENCH_WORKERS:.0f} jobs/s per worker",
+                              "report", None))
+        return rows
 
     # -- (h) a backlog of jobs not yet due ------------------------------------------
 
@@ -6476,6 +6644,109 @@ class Bench:
             return [bench_row("g", f"peak RSS, job writing {gigabytes:g} GB", "n/a: no /proc here", "≤ 64 MB", None)]
         return [bench_row("g", f"peak RSS of a worker whose job writes {gigabytes:g} GB",
                           f"{peak / 2**20:.1f} MB", "≤ 64 MB", peak <= 64 * 2**20)]
+
+
+def server_statement_counts(url):
+    """{'statements', 'transactions'} the server has run in this database so far.
+
+    Transactions from pg_stat_database (a statement outside BEGIN counts as
+    one); statements from pg_stat_statements, None where it is not loaded.
+    Each statement the workers send is one round trip: they pipeline nothing.
+    """
+    import psycopg
+    time.sleep(1.0)  # backends report their statistics at most once a second (and when they exit)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        transactions = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                    "WHERE datname = current_database()").fetchone()[0]
+        try:
+            statements = conn.execute("SELECT sum(calls) FROM pg_stat_statements WHERE dbid = "
+                                      "(SELECT oid FROM pg_database WHERE datname = current_database())").fetchone()[0]
+        except psycopg.Error:  # not installed, not loaded, or not ours to read
+            statements = None
+    return {"statements": statements, "transactions": transactions}
+
+
+class DelayProxy:
+    """A TCP relay on the loopback in front of a PostgreSQL server, whose answers it holds back delay_s.
+
+    So a bench can put the server `delay_s` away, as another host would be,
+    with no privileges and no kernel support (tc netem): every round trip
+    takes delay_s more. One thread; `with` gives the URL through it.
+    """
+
+    def __init__(self, url, delay_s):
+        import socket
+        self.url, self.delay_s = url, delay_s
+        parts = url_parts(url) or {}
+        host, port = parts.get("host") or "/var/run/postgresql", int(parts.get("port") or 5432)
+        self.server_address = ((socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
+                               else (socket.AF_INET, (host, port)))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.parts = parts
+
+    def __enter__(self):
+        import threading
+        self.is_stopping = False
+        self.thread = threading.Thread(target=self.relay, daemon=True)
+        self.thread.start()
+        from urllib.parse import quote
+        user = quote(self.parts.get("user") or "", safe="")
+        password = f":{quote(self.parts['password'], safe='')}" if self.parts.get("password") else ""
+        port = self.listener.getsockname()[1]
+        return f"postgresql://{user}{password}@127.0.0.1:{port}/{quote(self.parts.get('dbname') or '', safe='')}"
+
+    def __exit__(self, *exc):
+        self.is_stopping = True
+        self.thread.join()
+        self.listener.close()
+
+    def relay(self):
+        """Accept clients, pass what they send on at once, and what the server answers delay_s later."""
+        import selectors
+        import socket
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        peer, servers, held = {}, set(), collections.deque()  # held: (when, socket, bytes), in order
+        while not self.is_stopping:
+            timeout = max(held[0][0] - time.monotonic(), 0) if held else 0.1
+            for key, _ in selector.select(timeout):
+                if key.fileobj is self.listener:
+                    client, _ = self.listener.accept()
+                    server = socket.socket(self.server_address[0], socket.SOCK_STREAM)
+                    server.connect(self.server_address[1])
+                    servers.add(server)
+                    for end in (client, server):  # as libpq does: no Nagle wait on top of the delay
+                        if end.family != socket.AF_UNIX:
+                            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    for one, other in ((client, server), (server, client)):
+                        peer[one] = other
+                        selector.register(one, selectors.EVENT_READ)
+                    continue
+                if key.fileobj not in peer:  # closed with its other end, earlier in this round
+                    continue
+                try:
+                    data = key.fileobj.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    for end in (key.fileobj, peer[key.fileobj]):
+                        if end in peer:
+                            selector.unregister(end)
+                            peer.pop(end)
+                            servers.discard(end)
+                            end.close()
+                elif key.fileobj in servers:
+                    held.append((time.monotonic() + self.delay_s, peer[key.fileobj], data))  # the server's answer
+                else:
+                    with suppress(OSError):
+                        peer[key.fileobj].sendall(data)
+            while held and held[0][0] <= time.monotonic():
+                _, to, data = held.popleft()
+                with suppress(OSError):
+                    to.sendall(data)
+        for end in list(peer):
+            end.close()
 
 
 @contextmanager

@@ -326,7 +326,7 @@ def test_a_version_1_database_is_upgraded_with_its_counts(db):
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1,
                                 "canceled": 0}
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 8
     assert cli("purge", "--state", "completed,dead") == (0, "purged 3 job(s)\n", "")
     assert status()["jobs"]["completed"] == 0
 
@@ -3357,6 +3357,7 @@ def test_status_reads_kept_counts_on_postgresql_and_a_version_6_database_gets_th
         conn.execute("DROP TRIGGER job_counts_on_update ON jobs")
         conn.execute("DROP TRIGGER job_counts_on_delete ON jobs")
         conn.execute("DROP FUNCTION count_state_change, count_deleted_jobs")
+        conn.execute("ALTER TABLE jobs DROP COLUMN has_dependents")  # version 8's
         conn.execute("UPDATE meta SET version = 6")
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1, "canceled": 0}
     assert sql_rows("SELECT version FROM meta") == [(queuectl.SCHEMA_VERSION,)]
@@ -3474,6 +3475,147 @@ def test_a_schema_name_of_postgresqls_own_is_exit_2(db, monkeypatch):
     code, _, err = cli("status")
     assert code == 2
     assert "(not pg_), got 'pg_mine'" in error_line(err)
+
+
+# ---------------------------------------------------------------------------
+# Round trips: a claim, and the end of a job, in one statement each
+# ---------------------------------------------------------------------------
+
+def counting_round_trips(conn, monkeypatch):
+    """A list that grows by an entry for each round trip conn makes: a statement, a BEGIN, a COMMIT."""
+    trips = []
+
+    def counting(method):
+        def counted(*args, **kwargs):
+            trips.append(" ".join(args[0].split())[:60])
+            return method(*args, **kwargs)
+        return counted
+
+    for name in ("execute", "executemany"):
+        monkeypatch.setattr(conn, name, counting(getattr(conn, name)))
+    transaction = conn.transaction
+
+    @contextmanager
+    def counted_transaction():
+        trips.append("BEGIN")
+        with transaction():
+            yield conn
+        trips.append("COMMIT")
+
+    monkeypatch.setattr(conn, "transaction", counted_transaction)
+    return trips
+
+
+def dependency_flags(conn):
+    """{job id: has_dependents}."""
+    return {row[0]: row[1] for row in conn.execute("SELECT id, has_dependents FROM jobs")}
+
+
+@needs_pg
+def test_on_postgresql_a_claim_and_the_end_of_a_job_without_dependents_are_one_round_trip_each(db, monkeypatch):
+    cli("init")
+    conn = queuectl.connect(db)
+    try:
+        now = time.time()
+        add_jobs(conn, [{"command": "true", "id": "due"}, {"command": "false", "id": "fails", "priority": -1},
+                        {"command": "true", "id": "came-due", "run_at": now + 0.5, "priority": 1}])
+        query, config = conn.claim_query([]), queuectl.load_config(conn)
+        trips = counting_round_trips(conn, monkeypatch)
+        ends = {"due": "completed", "fails": "failed", "came-due": "completed"}
+        for expected in ("came-due", "due", "fails"):  # the one whose time came was never marked due
+            job = queuectl.claim(conn, "w", query, 30, now=now + 1)
+            assert (job["id"], trips) == (expected, [trips[0]])
+            trips.clear()
+            result = queuectl.RunResult(exit_code=0) if ends[expected] == "completed" else \
+                queuectl.RunResult(exit_code=1, error="exit status 1")
+            assert queuectl.record_run(conn, job, result, config) == ends[expected]
+            assert len(trips) == 1, trips
+            trips.clear()
+    finally:
+        conn.close()
+    assert {job_id: show(job_id)["state"] for job_id in ends} == ends
+    assert [run["outcome"] for run in show("fails")["runs"]] == ["failed"]
+
+
+@needs_pg
+def test_a_dependent_added_while_its_dependencys_end_is_recorded_is_released_by_that_end(db):
+    import psycopg
+    cli("init")
+    worker_conn, enqueuer = queuectl.connect(db), queuectl.connect(db)
+    try:
+        add_jobs(worker_conn, [{"command": "true", "id": "dep"}])
+        job = queuectl.claim(worker_conn, "w", worker_conn.claim_query([]), 30)
+        config, ended = queuectl.load_config(worker_conn), []
+        recorder = threading.Thread(target=lambda: ended.append(
+            queuectl.record_run(worker_conn, job, queuectl.RunResult(exit_code=0), config)))
+        queuectl.mark_dependencies(enqueuer, {"dep"})
+        with enqueuer.transaction(), psycopg.connect(PG_URL, autocommit=True) as observer:
+            child = queuectl.job_row({"command": "true", "id": "child", "depends_on": ["dep"]}, config, time.time())
+            queuectl.insert_job_rows(enqueuer, [child])  # counts dep as running: deps_left 1
+            recorder.start()
+            # The end waits for this enqueue to commit, instead of completing dep past it.
+            assert wait_until(lambda: observer.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0] == 1)
+        recorder.join(10)
+        assert ended == ["completed"]
+        assert worker_conn.execute("SELECT deps_left FROM jobs WHERE id = 'child'").fetchone()[0] == 0
+    finally:
+        worker_conn.close()
+        enqueuer.close()
+    code, out, _ = cli("why", "child", "--json")
+    assert code == 0 and "waiting_on_dependency" not in out
+
+
+def test_an_enqueue_marks_the_jobs_its_jobs_depend_on_and_only_those(db, tmp_path):
+    enqueue("-c", "true", "--id", "stored")
+    enqueue("-c", "true", "--id", "other")
+    lines = [{"id": "first", "command": "true"}, {"id": "second", "command": "true", "depends_on": ["first", "stored"]}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert cli("enqueue", "-f", str(tmp_path / "jobs.jsonl"))[0] == 0
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        assert dependency_flags(conn) == {"stored": 1, "other": 0, "first": 1, "second": 0}
+
+
+def test_a_version_7_database_is_upgraded_with_the_jobs_that_have_dependents_marked(db, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(queuectl, "SCHEMA_VERSION", 7)
+        with contextlib.closing(queuectl.connect(db)) as conn, conn.transaction():
+            for job_id, deps_left in (("parent", 0), ("child", 1), ("lone", 0)):
+                conn.execute("INSERT INTO jobs (id, command, queue, priority, max_retries, timeout_s, delay_s, env, "
+                             "depends_on, deps_left, state, run_at, is_due, created_at, updated_at) "
+                             "VALUES (?, 'true', 'default', 0, 3, 0, 0, '{}', '[]', ?, 'pending', 0, 1, 0, 0)",
+                             (job_id, deps_left))
+            conn.execute("INSERT INTO deps (depends_on, job_id) VALUES ('parent', 'child')")
+            queuectl.count_new_jobs(conn, [{"queue": "default", "state": "pending"}] * 3)
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        assert dependency_flags(conn) == {"parent": 1, "child": 0, "lone": 0}
+        job = queuectl.claim(conn, "w", conn.claim_query([]), 30)
+        assert queuectl.record_run(conn, job, queuectl.RunResult(exit_code=0), queuectl.load_config(conn)) == "completed"
+        assert conn.execute("SELECT deps_left FROM jobs WHERE id = 'child'").fetchone()[0] == 0
+
+
+def test_jobs_whose_time_came_and_were_not_taken_are_marked_due_after_the_claim(db):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        now = time.time()
+        add_jobs(conn, [{"command": "true", "id": f"later-{i}", "run_at": now + 0.5, "priority": i} for i in range(3)])
+        assert queuectl.claim(conn, "w", conn.claim_query([]), 30, now=now + 1)["id"] == "later-2"
+        assert {row[0]: row[1] for row in conn.execute("SELECT id, is_due FROM jobs WHERE state = 'pending'")} == {
+            "later-0": 1, "later-1": 1}
+
+
+@needs_pg
+def test_the_benchmarks_delay_proxy_carries_a_session_and_holds_each_answer_back(db):
+    import psycopg
+    cli("init")
+    with queuectl.DelayProxy(PG_URL, 0.05) as far_url:
+        assert "127.0.0.1" in far_url and far_url != PG_URL
+        with psycopg.connect(far_url, autocommit=True) as conn:
+            started = time.monotonic()
+            assert conn.execute("SELECT 41 + 1").fetchone()[0] == 42
+            assert time.monotonic() - started >= 0.05  # the delay is a floor, not a speed
+        assert cli("--db", far_url, "enqueue", "-c", "true", "--id", "through")[0] == 0
+    assert show("through")["state"] == "pending"
 
 
 # ---------------------------------------------------------------------------
@@ -5015,7 +5157,7 @@ def test_a_version_5_database_is_upgraded_and_its_jobs_run(db):
     job = show("old")
     assert (job["state"], job["stdout"], [r["outcome"] for r in job["runs"]]) == ("completed", "old\n", ["completed"])
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 7
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == queuectl.SCHEMA_VERSION == 8
 
 # ---------------------------------------------------------------------------
 # The dashboard: its API and its safety (http.client)
