@@ -57,8 +57,9 @@ $(STAMP): Makefile
 demo:
 	$(PYTHON) queuectl.py demo
 
+# PG=postgresql://USER:PASSWORD@HOST/DB adds the PostgreSQL rows: `make bench PG=...`.
 bench:
-	$(PYTHON) queuectl.py bench
+	$(PYTHON) queuectl.py bench $(if $(PG),--pg "$(PG)")
 
 bench-large:
 	$(PYTHON) queuectl.py bench --large

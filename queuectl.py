@@ -922,14 +922,16 @@ def claim_statements(ready, by_run_at, skip_locked):
 
 
 # The whole claim as one statement (PostgreSQL: one round trip, its own
-# transaction). It looks at the best job marked due and at the best one whose
-# time came since the last promotion (both through their indexes, each locked
-# and skipped if another claimer holds it), takes the better of the two,
-# and counts (up to 2) the jobs still waiting to be marked due. A job of a
-# limited queue, or one whose canceled run's worker was lost, is chosen but
-# not taken: claim() takes it the long way (see claim_in_one_statement).
+# transaction). `waiting` is the oldest :batch jobs whose time came since the
+# last promotion (through jobs_by_run_at). The best of them and the best job
+# marked due (through jobs_ready) are each locked, or skipped if another
+# claimer holds them, and the better of the two is taken, unless it is of a
+# limited queue, has a canceled run to end first, or :batch or more jobs are
+# waiting (the best of all of them is then found the long way, after they
+# are marked due): claim() takes those as on any engine.
 ONE_STATEMENT_CLAIM_SQL = """
-WITH ready AS ({ready}),
+WITH waiting AS ({waiting}),
+     ready AS ({ready}),
      became_due AS ({became_due}),
      chosen AS (
          SELECT *
@@ -939,12 +941,18 @@ WITH ready AS ({ready}),
      claimed AS ({claim_update} RETURNING seq)
 SELECT chosen.*,
        claimed.seq IS NOT NULL AS is_claimed,
-       (SELECT count(*) FROM ({count_became_due}) AS waiting) AS became_due_left
+       (SELECT count(*) FROM waiting) AS became_due_left
 FROM (SELECT 1) AS one
 LEFT JOIN chosen ON true
 LEFT JOIN claimed ON true
 """
-TAKEN_IN_ONE_STATEMENT = "(SELECT seq FROM chosen WHERE coalesce(queue_limit, 0) = 0 AND token_before IS NULL)"
+WAITING_IN_ONE_STATEMENT = f"{BECAME_DUE_SQL}\n      AND seq IN (SELECT seq FROM waiting)"
+TAKEN_IN_ONE_STATEMENT = """(
+        SELECT seq FROM chosen
+        WHERE coalesce(queue_limit, 0) = 0
+          AND token_before IS NULL
+          AND (SELECT count(*) FROM waiting) < :batch)"""
+ONE_STATEMENT_BATCH = 100  # jobs whose time came that one claim ranks; more are marked due first
 
 
 ClaimQuery = collections.namedtuple("ClaimQuery", "sql params queues full one_statement")
@@ -1004,11 +1012,11 @@ class Engine:
         one_statement = None
         if self.ONE_STATEMENT_WRITES and only is None:
             one_statement = ONE_STATEMENT_CLAIM_SQL.format(
+                waiting=self.BECOME_DUE_SQL,
                 ready=sql,
-                became_due=self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter, due=BECAME_DUE_SQL,
+                became_due=self.CLAIM_SELECT_SQL.format(queue_filter=queue_filter, due=WAITING_IN_ONE_STATEMENT,
                                                         locking=self.SKIP_LOCKED),
-                claim_update=claim_update_sql(TAKEN_IN_ONE_STATEMENT),
-                count_became_due=self.BECOME_DUE_SQL)
+                claim_update=claim_update_sql(TAKEN_IN_ONE_STATEMENT))
         return ClaimQuery(sql, {**names, **skipped}, tuple(queues), tuple(full), one_statement)
 
     @contextmanager
@@ -1984,9 +1992,13 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
     unless if_absent, which skips the jobs whose id exists.
     """
     line_of = (lambda row: f"line {lines[id(row)]}: ") if lines else (lambda row: "")
-    mark_dependencies(conn, {dep for row in rows for dep in row["depends_on"]})
+    dependencies = {dep for row in rows for dep in row["depends_on"]}
+    if conn.ONE_STATEMENT_WRITES:
+        mark_dependencies(conn, dependencies)  # committed before the enqueue's transaction
     try:
         with conn.transaction():
+            if not conn.ONE_STATEMENT_WRITES:
+                mark_dependencies(conn, dependencies)  # only kept right: ends are recorded the long way
             rows = insert_job_rows(conn, rows, if_absent, line_of)
     except StorageError as e:
         if e.kind != "duplicate":
@@ -2001,19 +2013,20 @@ def enqueue_rows(conn, rows, if_absent=False, lines=None):
 
 
 def mark_dependencies(conn, job_ids):
-    """Set has_dependents on the jobs that new jobs will depend on, committed before those are added.
+    """Set has_dependents on the jobs that new jobs will depend on.
 
-    In a transaction of its own, before the enqueue's: a worker recording one
-    of these jobs' end then either sees the flag and settles dependents the
-    long way, or changed the job first, and the enqueue sees its end (see
-    SCHEMA_V8). Kept short, so the job's worker is never held up renewing
-    its lease. A flag set for an enqueue that then fails costs only the long
-    way at that job's end.
+    Where a job's end can be recorded in one statement (ONE_STATEMENT_WRITES),
+    each is committed before the enqueue's transaction starts: a worker
+    recording one of these jobs' end then either sees the flag and settles
+    dependents the long way, or changed the job first, and the enqueue sees
+    its end (see SCHEMA_V8). One statement each, so a mark holds one row lock
+    for a moment: it never keeps the job's worker from renewing its lease,
+    and never deadlocks with a command that locks the same jobs in another
+    order. A flag set for an enqueue that then fails costs only the long way
+    at that job's end.
     """
-    if job_ids:
-        with conn.transaction():
-            conn.executemany("UPDATE jobs SET has_dependents = 1 WHERE id = ? AND has_dependents = 0",
-                             [(job_id,) for job_id in sorted(job_ids)])
+    for job_id in sorted(job_ids):
+        conn.execute("UPDATE jobs SET has_dependents = 1 WHERE id = ? AND has_dependents = 0", (job_id,))
 
 
 def insert_job_rows(conn, rows, if_absent=False, line_of=lambda row: ""):
@@ -2218,23 +2231,23 @@ def claim_in_one_statement(conn, worker_id, claim_query, lease_s, now, claimed_a
     """claim() in one statement, one round trip (see ONE_STATEMENT_CLAIM_SQL): the job, None, or TAKE_THE_LONG_WAY.
 
     The best job is chosen among those marked due and those whose time came
-    since, so nothing waits to be promoted first. Jobs whose time came and
-    that were not taken are marked due after the claim (a batch at a time),
-    so the next claims look at them through jobs_ready. TAKE_THE_LONG_WAY: the
-    best job is of a limited queue, or has a canceled run to end first; the
-    caller claims it as on any engine.
+    since, so none waits to be marked first. TAKE_THE_LONG_WAY: the caller
+    claims as on any engine, because the best job is of a limited queue or
+    has a canceled run to end, because many jobs came due at once, or because
+    none was chosen while some came due (another claimer held them for a
+    moment: marking them due and looking again is worth it).
     """
     token = os.urandom(8).hex()
     row = conn.execute(claim_query.one_statement, {
-        **claim_query.params, "now": now, "batch": 2, "worker_id": worker_id, "lease_token": token,
-        "lease_until": now + lease_s, "host": HOST}).fetchone()
-    taken_from_became_due = row["is_claimed"] and row["is_due"] == 0
-    if row["became_due_left"] > taken_from_became_due:
-        promote_due_jobs(conn, now)
-    if row["seq"] is None:
+        **claim_query.params, "now": now, "batch": ONE_STATEMENT_BATCH, "worker_id": worker_id,
+        "lease_token": token, "lease_until": now + lease_s, "host": HOST}).fetchone()
+    if row["seq"] is None and not row["became_due_left"]:
         return None
     if not row["is_claimed"]:
         return TAKE_THE_LONG_WAY
+    if row["became_due_left"] > (row["is_due"] == 0):  # others came due: mark them for the next claims
+        with suppress(StorageError):  # a speed-up only, and the job is ours now: a failure must not lose it
+            promote_due_jobs(conn, now)
     return dict(row, attempts=row["attempts"] + 1, last_run=row["last_run"] + 1, lease_token=token,
                 claimed_at=claimed_at, worker_id=worker_id, run_host=HOST, started_at=now)
 
@@ -6573,9 +6586,9 @@ class Bench:
     def round_trips(self, url):
         """(k) statements and transactions per job on PostgreSQL, and jobs/s per worker 1 ms away."""
         with bench_schema(url, "bench_round_trips"):
-            self.cli(url, "init")
-            before = server_statement_counts(url)
-            self.burst_rate(url, BENCH_JOBS, BENCH_WORKERS)
+            self.enqueue_file(url, BENCH_JOBS)
+            before = server_statement_counts(url)  # the workers' statements only, not the enqueue's
+            self.cli(url, "worker", "start", "--count", str(BENCH_WORKERS), "--burst")
             after = server_statement_counts(url)
         per_job = {key: (after[key] - before[key]) / BENCH_JOBS if after[key] is not None else None
                    for key in after}

@@ -3604,6 +3604,81 @@ def test_jobs_whose_time_came_and_were_not_taken_are_marked_due_after_the_claim(
             "later-0": 1, "later-1": 1}
 
 
+def test_a_claim_ranks_every_job_whose_time_came_even_more_than_one_statement_looks_at(db):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        now, many = time.time(), queuectl.ONE_STATEMENT_BATCH + 20
+        add_jobs(conn, [{"command": "true", "id": f"came-{i}", "run_at": now + 0.1 + i / 1000,
+                         "priority": 5 if i == many - 1 else 0} for i in range(many)])
+        assert queuectl.claim(conn, "w", conn.claim_query([]), 30, now=now + 1)["id"] == f"came-{many - 1}"
+        assert queuectl.claim(conn, "w", conn.claim_query([]), 30, now=now + 1)["id"] == "came-0"
+
+
+@needs_pg
+def test_a_claimed_job_is_kept_when_marking_the_others_due_fails_after_the_claim(db, monkeypatch):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        now = time.time()
+        add_jobs(conn, [{"command": "true", "id": f"came-{i}", "run_at": now + 0.1, "priority": i} for i in range(3)])
+
+        def connection_lost(conn, now):
+            raise queuectl.StorageError("lost the connection to the database", "lost")
+
+        monkeypatch.setattr(queuectl, "promote_due_jobs", connection_lost)
+        job = queuectl.claim(conn, "w", conn.claim_query([]), 30, now=now + 1)
+    assert job["id"] == "came-2"
+    assert show("came-2")["state"] == "processing"
+    assert sql_rows("SELECT lease_token FROM jobs WHERE id = 'came-2'") == [(job["lease_token"],)]
+
+
+@needs_pg
+def test_a_claimer_that_finds_the_jobs_whose_time_came_held_by_another_looks_again_the_long_way(db, monkeypatch):
+    cli("init")
+    first, second = queuectl.connect(db), queuectl.connect(db)
+    try:
+        now = time.time()
+        add_jobs(first, [{"command": "true", "id": "ready-low"},
+                         {"command": "true", "id": "came-high", "run_at": now + 0.1, "priority": 5}])
+        held = first.transaction()  # the first claimer's statement, its locks held until we say
+        held.__enter__()
+        assert queuectl.claim(first, "w1", first.claim_query([]), 30, now=now + 1)["id"] == "came-high"
+        real_promote = queuectl.promote_due_jobs
+
+        def first_claimer_commits_then_promote(conn, now):
+            if held is not None:
+                held.__exit__(None, None, None)
+            real_promote(conn, now)
+
+        monkeypatch.setattr(queuectl, "promote_due_jobs", first_claimer_commits_then_promote)
+        # Both rows were held when the second claimer looked: it looks again, not idles.
+        assert queuectl.claim(second, "w2", second.claim_query([]), 30, now=now + 1)["id"] == "ready-low"
+        held = None
+    finally:
+        first.close()
+        second.close()
+
+
+@needs_pg
+def test_an_enqueue_of_dependents_never_deadlocks_with_a_command_locking_them_in_another_order(db):
+    import psycopg
+    enqueue("-c", "true", "--id", "a")
+    enqueue("-c", "true", "--id", "b")
+    with psycopg.connect(PG_URL, autocommit=True) as other, psycopg.connect(PG_URL, autocommit=True) as observer:
+        other.execute(f'SET search_path TO "{os.environ["QUEUECTL_PG_SCHEMA"]}"')
+        with other.transaction():  # as `cancel b a` does: b locked, then a
+            other.execute("SELECT 1 FROM jobs WHERE id = 'b' FOR UPDATE")
+            enqueuer = subprocess.Popen([sys.executable, SCRIPT, "enqueue", "-c", "true", "--id", "d",
+                                         "--after", "a", "--after", "b"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+            assert wait_until(lambda: observer.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'").fetchone()[0] >= 1)
+            other.execute("SELECT 1 FROM jobs WHERE id = 'a' FOR UPDATE")  # a's mark is not held meanwhile
+        out, err = enqueuer.communicate(timeout=30)
+    assert (enqueuer.returncode, out, err) == (0, "d\n", "")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        assert dependency_flags(conn) == {"a": 1, "b": 1, "d": 0}
+
+
 @needs_pg
 def test_the_benchmarks_delay_proxy_carries_a_session_and_holds_each_answer_back(db):
     import psycopg
