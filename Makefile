@@ -57,9 +57,10 @@ $(STAMP): Makefile
 demo:
 	$(PYTHON) queuectl.py demo
 
-# PG=postgresql://USER:PASSWORD@HOST/DB adds the PostgreSQL rows: `make bench PG=...`.
-bench:
-	$(PYTHON) queuectl.py bench $(if $(PG),--pg "$(PG)")
+# PG=postgresql://USER:PASSWORD@HOST/DB adds the PostgreSQL rows: `make bench PG=...`
+# (in the tools' venv then, for psycopg).
+bench: $(if $(PG),$(STAMP))
+	$(if $(PG),$(VPY),$(PYTHON)) queuectl.py bench $(if $(PG),--pg "$(PG)")
 
 bench-large:
 	$(PYTHON) queuectl.py bench --large
