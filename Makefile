@@ -20,7 +20,7 @@ VPY := $(VENV)/bin/python
 # the machine's own Chromium (it never downloads a browser; without Chromium
 # those tests skip).
 TOOLS := pytest==9.2.0 pytest-xdist==3.8.0 ruff==0.17.6 vermin==1.9.2 "psycopg[binary]==3.3.9" \
-	playwright==1.64.1
+	playwright==1.64.1 prometheus_client==0.26.0
 
 # The stamp is touched only after pip succeeded, so an interrupted setup is
 # retried; it depends on the Makefile, so changing a pin above updates the

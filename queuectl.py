@@ -74,8 +74,11 @@ JOB_FIELDS = ("id", "command", "max_retries", "timeout", "priority", "queue",
               "run_at", "delay", "env", "cwd", "depends_on")
 
 # A config key's default and the values it accepts: kind is int or float,
-# values from low (excluded if low_excluded) up to high (None: no limit).
-ConfigRule = collections.namedtuple("ConfigRule", "default kind low low_excluded high", defaults=(False, None))
+# values from low (excluded if low_excluded) up to high (None: no limit); or
+# DURATION (text like 7d, 0 for forever) or COMMAND (a shell command, '' for none).
+ConfigRule = collections.namedtuple("ConfigRule", "default kind low low_excluded high",
+                                    defaults=(None, False, None))
+DURATION, COMMAND = "duration", "command"
 
 
 CONFIG_RULES = {
@@ -86,7 +89,13 @@ CONFIG_RULES = {
     "lease_timeout": ConfigRule(30, float, low=1),
     "poll_interval": ConfigRule(0.5, float, low=0, low_excluded=True),
     "output_limit": ConfigRule(65536, int, low=0),
+    "keep_completed": ConfigRule("7d", DURATION),  # then running supervisors delete them (see apply_retention)
+    "keep_dead": ConfigRule("30d", DURATION),
+    "on_failure": ConfigRule("", COMMAND),  # run by a supervisor after each failed run (see Hooks)
+    "on_dead": ConfigRule("", COMMAND),  # ... and when a job dies
+    "hook_timeout": ConfigRule(30, float, low=0, low_excluded=True),  # then a hook is killed
 }
+HOOKS = ("on_failure", "on_dead")
 
 # Linux refuses one exec argument longer than this (MAX_ARG_STRLEN less the NUL).
 MAX_COMMAND_BYTES = 128 * 1024 - 1
@@ -325,9 +334,12 @@ def parse_time(field, value):
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.ASCII)
+
+
 def parse_duration(text):
     """'90s', '15m', '12h', '7d' or plain seconds, as seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    match = DURATION_RE.fullmatch(text)
     if not match:
         raise UsageError(f"duration must look like 90s, 15m, 12h or 7d, got '{text}'")
     return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
@@ -631,14 +643,45 @@ SCHEMA_V8 = [
     "UPDATE jobs SET has_dependents = 1 WHERE id IN (SELECT depends_on FROM deps)",
 ]
 
+# Version 9, months on a server:
+# * jobs_finished: the completed and dead jobs by when they finished, so the
+#   supervisors' retention (keep_completed, keep_dead) finds the ones to
+#   delete without walking the rest, or any live job.
+# * runs_by_finish: the runs by when they finished, for the dashboard's
+#   chart and /metrics (what finished in the last hour, or since the last
+#   scrape), read without the runs' rows.
+# * hook_events: a run that failed or a job that died, waiting for its hook
+#   (on_failure, on_dead) to be run by one supervisor (taken_by), then
+#   deleted.
+def schema_v9(serial_key, time_type):
+    return [
+        "CREATE INDEX jobs_finished ON jobs (state, finished_at) WHERE state IN ('completed', 'dead')",
+        "CREATE INDEX runs_by_finish ON runs (finished_at, outcome) WHERE finished_at IS NOT NULL",
+        f"""
+        CREATE TABLE hook_events (
+            seq          {serial_key},
+            hook         TEXT NOT NULL,
+            job_id       TEXT NOT NULL,
+            queue        TEXT NOT NULL,
+            attempt      INTEGER NOT NULL,
+            exit_code    INTEGER,
+            error        TEXT,
+            created_at   {time_type} NOT NULL,
+            taken_by     TEXT
+        )
+        """,
+    ]
+
+
 # An engine's MIGRATIONS[v] brings its database at version v - 1 to version v.
 # A release that changes the schema adds a step to both engines and raises
 # SCHEMA_VERSION; the engine records which steps are done.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Version 7 is PostgreSQL's job_counts (SQLite has kept its own since version 2).
 SQLITE_MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4, 5: SCHEMA_V5, 6: SCHEMA_V6, 7: [],
-                     8: SCHEMA_V8}
-OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules", "job_count_changes"}
+                     8: SCHEMA_V8, 9: schema_v9("INTEGER PRIMARY KEY", "REAL")}
+OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues", "schedules", "job_count_changes",
+              "hook_events"}
 
 
 # ---------------------------------------------------------------------------
@@ -1466,7 +1509,7 @@ PG_SCHEMA_V7 = [
 
 # PostgreSQL came with version 3: its first step is the whole schema.
 PG_MIGRATIONS = {3: PG_SCHEMA_V3, 4: PG_SCHEMA_V4, 5: PG_SCHEMA_V5, 6: schema_v6("text"), 7: PG_SCHEMA_V7,
-                 8: SCHEMA_V8}
+                 8: SCHEMA_V8, 9: schema_v9("bigserial PRIMARY KEY", "double precision")}
 CLOCK_ANCHOR_S = 600.0  # how long a PostgreSQL connection trusts its reading of the server's clock
 
 
@@ -1821,6 +1864,13 @@ def parse_config_value(key, text):
     """The value for key parsed from text and checked against its rule."""
     check_config_key(key)
     rule = CONFIG_RULES[key]
+    if rule.kind == DURATION:
+        if not DURATION_RE.fullmatch(text):
+            raise UsageError(f"config {key} must be a duration like 90s, 15m, 12h or 7d, or 0 to keep them "
+                             f"forever, got '{text}'")
+        return text.strip()
+    if rule.kind == COMMAND:
+        return check_hook_command(key, text)
     try:
         value = int(text) if rule.kind is int else float(text)
     except ValueError:
@@ -1828,6 +1878,20 @@ def parse_config_value(key, text):
         raise UsageError(f"config {key} must be {kind_name}, got '{text}'") from None
     return plain_number(check_number(f"config {key}", value, rule.kind, rule.low,
                                      low_excluded=rule.low_excluded, high=rule.high))
+
+
+def check_hook_command(key, text):
+    """A hook's shell command, or '' for none: text that /bin/sh -c can take."""
+    if "\0" in text:
+        raise UsageError(f"config {key} must not contain a NUL byte")
+    if len(check_text(f"config {key}", text).encode("utf-8")) > MAX_COMMAND_BYTES:
+        raise UsageError(f"config {key} is longer than {MAX_COMMAND_BYTES} bytes; put a long hook in a script")
+    return text if text.strip() else ""
+
+
+def kept_s(config, key):
+    """Seconds a keep_* setting keeps finished jobs; math.inf for 0 (forever)."""
+    return parse_duration(config[key]) or math.inf
 
 
 def set_config(conn, key, value):
@@ -2119,15 +2183,33 @@ def finish_run_sql(source=""):
 
 FINISH_RUN_SQL = finish_run_sql()
 
+
+
+def hook_events_sql(source=""):
+    """The hooks' events of a run's end (none, on_failure, on_dead: see record_params), for each row of source."""
+    return f"""
+    INSERT INTO hook_events (hook, job_id, queue, attempt, exit_code, error, created_at)
+    SELECT hook, :job_id, :queue, :attempt, :exit_code, :last_error, :now
+    FROM (SELECT 'on_failure' AS hook WHERE :on_failure = 1
+          UNION ALL
+          SELECT 'on_dead' AS hook WHERE :on_dead = 1) AS hooks
+    {source}
+    """
+
+
+HOOK_EVENTS_SQL = hook_events_sql()
+
 # The end of a run in one statement (engines with ONE_STATEMENT_WRITES): the
-# job's change and its run's row, for a job with no dependents. The flag is
-# read on the row being changed, its newest version: a dependent being added
-# has set it first (mark_dependencies), so this matches nothing then, and the
-# end is recorded the long way, holding the job as a dependency.
+# job's change, its run's row and its hooks' events, for a job with no
+# dependents. The flag is read on the row being changed, its newest version:
+# a dependent being added has set it first (mark_dependencies), so this
+# matches nothing then, and the end is recorded the long way, holding the
+# job as a dependency.
 ONE_STATEMENT_RECORD_SQL = f"""
 WITH recorded AS ({RECORD_RUN_SQL}  AND has_dependents = 0
                   RETURNING seq),
-     kept AS ({finish_run_sql("FROM recorded")})
+     kept AS ({finish_run_sql("FROM recorded")}),
+     events AS ({hook_events_sql("CROSS JOIN recorded")})
 SELECT count(*) FROM recorded
 """
 
@@ -2379,7 +2461,11 @@ def record_params(job, result, config, now):
             "exit_code": result.exit_code, "last_error": result.error,
             "stdout_text": result.stdout, "stdout_cut": result.stdout_cut,
             "stderr_text": result.stderr, "stderr_cut": result.stderr_cut,
-            "retry_at": retry_at, "now": now}
+            "retry_at": retry_at, "now": now,
+            # HOOK_EVENTS_SQL's: an event only for a hook set now (the worker's config, at most a poll old)
+            "job_id": job["id"], "queue": job["queue"], "attempt": job["attempts"],
+            "on_failure": int(state != "completed" and bool(config.get("on_failure"))),
+            "on_dead": int(state == "dead" and bool(config.get("on_dead")))}
 
 
 def write_run(conn, job, result, config, now):
@@ -2388,6 +2474,8 @@ def write_run(conn, job, result, config, now):
     if not conn.execute(RECORD_RUN_SQL, params).rowcount:
         return None
     conn.execute(FINISH_RUN_SQL, run_params(job, result, now))
+    if params["on_failure"] or params["on_dead"]:
+        conn.execute(HOOK_EVENTS_SQL, params)
     settle_dependents(conn, job["id"], params["state"], now)
     return params["state"]
 
@@ -2684,24 +2772,33 @@ def purge_jobs(conn, states=("completed",), older_than_s=None, now=None):
     params = [*states, now - older_than_s if older_than_s is not None else math.inf]
     purged = 0
     while True:
-        # A batch to a short transaction: a purge of millions never holds the lock for long, and
-        # the rows it deletes are locked first (a retry cannot take one back half way).
-        with conn.transaction():
-            rows = conn.execute(select, params).fetchall()
-            ids, seqs = [row[0] for row in rows], [row[1] for row in rows]
-            if ids:
-                id_marks = ", ".join("?" for _ in ids)
-                # Both ends: an ended job's edges are settled, and a later job may reuse its id.
-                conn.execute(f"DELETE FROM deps WHERE job_id IN ({id_marks})", ids)
-                conn.execute(f"DELETE FROM deps WHERE depends_on IN ({id_marks})", ids)
-                conn.execute(f"DELETE FROM runs WHERE job_seq IN ({id_marks})", seqs)
-                conn.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
-        purged += len(ids)
-        if len(ids) < PURGE_BATCH:
+        deleted = delete_batch(conn, select, params)
+        purged += deleted
+        if deleted < PURGE_BATCH:
             return purged
 
 
 PURGE_BATCH = 500  # jobs deleted per transaction (a statement binds at most 999 values in older SQLite)
+
+
+def delete_batch(conn, select, params):
+    """Delete the jobs `select` names (id, seq; at most PURGE_BATCH, locked), their edges and runs; how many.
+
+    A batch to a short transaction: deleting millions never holds the lock
+    for long, and the rows deleted are locked first (a retry cannot take one
+    back half way).
+    """
+    with conn.transaction():
+        rows = conn.execute(select, params).fetchall()
+        ids, seqs = [row[0] for row in rows], [row[1] for row in rows]
+        if ids:
+            id_marks = ", ".join("?" for _ in ids)
+            # Both ends: an ended job's edges are settled, and a later job may reuse its id.
+            conn.execute(f"DELETE FROM deps WHERE job_id IN ({id_marks})", ids)
+            conn.execute(f"DELETE FROM deps WHERE depends_on IN ({id_marks})", ids)
+            conn.execute(f"DELETE FROM runs WHERE job_seq IN ({id_marks})", seqs)
+            conn.execute(f"DELETE FROM jobs WHERE id IN ({id_marks})", ids)
+    return len(ids)
 
 
 def count_by_state(conn):
@@ -4205,6 +4302,167 @@ def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot
 
 
 # ---------------------------------------------------------------------------
+# Supervisors' upkeep: retention and hooks
+# ---------------------------------------------------------------------------
+#
+# Every running supervisor, on every host, deletes finished jobs past their
+# keep_* time a batch at a time, and runs the hooks of failed runs and dead
+# jobs, each event's hook exactly once whatever the number of supervisors.
+
+RETENTION_EVERY_S = 10.0  # how often a supervisor looks for jobs past their keep_* time (sooner while it finds many)
+HOOK_SLOTS = 4  # hooks one supervisor runs at once
+
+# The oldest jobs of one end state finished before a time, through
+# jobs_finished (its WHERE written out whole: SQLite uses a partial index only
+# for a query that repeats its terms); rows another supervisor is deleting
+# are passed over.
+EXPIRED_JOBS_SQL = """
+SELECT id, seq FROM jobs
+WHERE state IN ('completed', 'dead')
+  AND state = '{state}'
+  AND finished_at < ?
+ORDER BY state, finished_at
+LIMIT {batch}
+{locking}
+"""
+
+
+def apply_retention(conn, config, now=None):
+    """Delete a batch of the completed and of the dead jobs kept past keep_completed and keep_dead.
+
+    Returns {state: jobs deleted}. One short transaction per state, through
+    jobs_finished: jobs still kept and live jobs are never walked. Waiting
+    hook events of hooks no longer set are dropped too.
+    """
+    now = conn.now() if now is None else now
+    deleted = {}
+    for state, key in (("completed", "keep_completed"), ("dead", "keep_dead")):
+        keep_s = kept_s(config, key)
+        if keep_s != math.inf:
+            select = EXPIRED_JOBS_SQL.format(state=state, batch=PURGE_BATCH, locking=conn.SKIP_LOCKED)
+            deleted[state] = delete_batch(conn, select, [now - keep_s])
+    unset = [hook for hook in HOOKS if not config[hook]]
+    if unset:
+        conn.execute(f"DELETE FROM hook_events WHERE taken_by IS NULL AND hook IN ({', '.join('?' for _ in unset)})",
+                     unset)
+    # Events taken by a supervisor that is gone (killed): never taken again, so nobody else deletes them.
+    conn.execute("DELETE FROM hook_events WHERE taken_by IS NOT NULL AND taken_by NOT IN (SELECT id FROM workers)")
+    return deleted
+
+
+NEXT_HOOK_EVENT_SQL = """
+SELECT seq, hook, job_id, queue, attempt, exit_code, error
+FROM hook_events
+WHERE taken_by IS NULL
+  AND created_at <= :created_before
+ORDER BY seq
+LIMIT 1
+"""
+
+
+def take_hook_event(conn, owner, created_before=math.inf):
+    """The oldest hook event no supervisor has taken, now ours; None if there is none.
+
+    Taken in a transaction of its own (another claimer's row is passed over),
+    so one supervisor of all runs each event's hook. Nothing to take costs
+    one read that takes no lock.
+    """
+    params = {"created_before": created_before, "owner": owner}
+    if conn.execute(NEXT_HOOK_EVENT_SQL, params).fetchone() is None:
+        return None
+    with conn.transaction():
+        event = conn.execute(NEXT_HOOK_EVENT_SQL + conn.SKIP_LOCKED, params).fetchone()
+        if event is not None:
+            conn.execute("UPDATE hook_events SET taken_by = :owner WHERE seq = :seq", {**params, "seq": event["seq"]})
+        return event
+
+
+class Hooks:
+    """The hooks one supervisor runs: on_failure after a failed run, on_dead when a job dies.
+
+    Each is `/bin/sh -c HOOK` in a session of its own, with the event in its
+    environment and its output in the supervisor's log, killed (its whole
+    group) after hook_timeout. The supervisor's loop only starts and polls
+    them, so a hook that hangs or fails holds up nothing but its own slot.
+    Exactly once: an event is taken by one supervisor (take_hook_event) and
+    deleted when its hook has ended, however it ended, and never taken
+    again. A supervisor killed while a hook runs leaves the hook running (its
+    own session) and the event taken; one killed between taking an event and
+    starting its hook loses that event's hook (a window of a few statements).
+    """
+
+    def __init__(self, owner, db_path):
+        self.owner = owner
+        self.base_env = {**os.environ, "QUEUECTL_DB": db_for_children(db_path)}
+        self.running = {}  # event seq -> (process, deadline (monotonic), what it is, for the log)
+        self.ended = []  # event seqs whose hooks ended, their rows still to delete
+
+    def poll(self):
+        """End the hooks that exited, and kill those past their deadline; no database needed."""
+        for seq, (process, deadline, what) in list(self.running.items()):
+            code = process.poll()
+            if code is None and time.monotonic() < deadline:
+                continue
+            if code is None:
+                kill_group(process.pid, signal.SIGKILL)
+                process.wait()
+                log(f"{what} did not end in time: killed")
+            elif code:
+                log(f"{what} failed: {exit_error(code)}")
+            else:
+                log(f"{what} done")
+            del self.running[seq]
+            self.ended.append(seq)
+
+    def forget_ended(self, conn):
+        """Delete the events of the hooks that ended."""
+        while self.ended:
+            conn.execute("DELETE FROM hook_events WHERE seq = ? AND taken_by = ?", (self.ended[0], self.owner))
+            self.ended.pop(0)
+
+    def take_and_start(self, conn, config, created_before=math.inf):
+        """Forget the ended hooks' events, then start hooks for new events while there are free slots."""
+        self.forget_ended(conn)
+        if not any(config[hook] for hook in HOOKS):
+            return
+        while len(self.running) < HOOK_SLOTS:
+            event = take_hook_event(conn, self.owner, created_before)
+            if event is None:
+                return
+            self.start(event, config)
+
+    def start(self, event, config):
+        """Start the hook of one taken event (one no longer set is dropped)."""
+        import subprocess
+        command = config[event["hook"]]
+        what = f"hook {event['hook']} of job {event['job_id']} (attempt {event['attempt']})"
+        if not command:
+            self.ended.append(event["seq"])
+            return
+        env = dict(self.base_env, QUEUECTL_HOOK=event["hook"], QUEUECTL_JOB_ID=event["job_id"],
+                   QUEUECTL_QUEUE=event["queue"], QUEUECTL_ATTEMPT=str(event["attempt"]),
+                   QUEUECTL_EXIT_CODE="" if event["exit_code"] is None else str(event["exit_code"]),
+                   QUEUECTL_ERROR=event["error"] or "")
+        try:
+            process = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
+                                       stdout=2, start_new_session=True)
+        except OSError as e:
+            log(f"{what} could not start: {e.strerror or e}")
+            self.ended.append(event["seq"])
+            return
+        self.running[event["seq"]] = (process, time.monotonic() + config["hook_timeout"], what)
+
+    def kill_all(self):
+        """A forced shutdown: kill the hooks still running (their events are not run again)."""
+        for seq, (process, _, what) in self.running.items():
+            kill_group(process.pid, signal.SIGKILL)
+            process.wait()
+            log(f"{what} killed: forced shutdown")
+            self.ended.append(seq)
+        self.running.clear()
+
+
+# ---------------------------------------------------------------------------
 # Workers: the supervisor
 # ---------------------------------------------------------------------------
 
@@ -4231,6 +4489,10 @@ class Supervisor:
         self.stop_requested = False
         self.pending_signal = None
         self.fatal_error = None  # set when the database turned out corrupt
+        self.config = None  # as read at the last beat
+        self.hooks = Hooks(self.supervisor_id, db_path)
+        self.stopped_at = math.inf  # when it began to stop, on the database's clock: later hook events are others'
+        self.retention_at = 0.0  # when to look for jobs past their keep_* time next (monotonic)
 
     def run(self):
         """Supervise until stopped; return the exit code."""
@@ -4243,7 +4505,7 @@ class Supervisor:
         log(f"supervisor {os.getpid()} started {self.count} worker(s) on {scope}, db {self.conn.path}")
         self.next_beat = 0.0
         try:
-            while self.workers or not self.is_stopping:
+            while self.workers or self.hooks.running or not self.is_stopping:
                 if not self.is_stopping:
                     self.fill_pool()
                 waitables = [p.sentinel for p, _ in self.workers.values()] + [self.signal_r]
@@ -4256,9 +4518,10 @@ class Supervisor:
         finally:
             if self.conn is not None:  # None only while reopening it after a fork fails
                 try:
+                    self.hooks.forget_ended(self.conn)
                     retry_busy(unregister_process, self.conn, self.supervisor_id)
                 except StorageError:
-                    pass  # a stale row is pruned by the next reader
+                    pass  # a stale row is pruned by the next reader, and its taken events by apply_retention
                 self.conn.close()
         log(f"supervisor {os.getpid()} stopped")
         if self.fatal_error:
@@ -4411,6 +4674,12 @@ class Supervisor:
                 log(f"job {job_id} lost its worker (lease expired); it is now {state}")
             retry_busy(fold_counts, self.conn)
             self.next_beat = now + min(config["lease_timeout"] / 3, 1.0)
+            self.config = config
+            if now >= self.retention_at:
+                self.apply_retention(config)
+        self.hooks.poll()
+        if self.config is not None:
+            retry_busy(self.hooks.take_and_start, self.conn, self.config, self.stopped_at)
         if self.stop_requested:
             self.stop_requested = False
             self.begin_stop("asked to stop")
@@ -4418,6 +4687,15 @@ class Supervisor:
             self.begin_stop("burst done: no pending, failed or processing jobs left")
         if not self.is_burst and not self.is_stopping:
             self.fire_schedules()
+
+    def apply_retention(self, config):
+        """Delete a batch of jobs past their keep_* time; look again at once while batches come full."""
+        deleted = retry_busy(apply_retention, self.conn, config)
+        for state, count in deleted.items():
+            if count:
+                log(f"retention: deleted {count} {state} job(s) finished more than {config['keep_' + state]} ago")
+        is_more = any(count == PURGE_BATCH for count in deleted.values())
+        self.retention_at = time.monotonic() + (0 if is_more else RETENTION_EVERY_S)
 
     def fire_schedules(self):
         """Make the jobs of the schedules' ticks that came, and wake the workers for them."""
@@ -4444,6 +4722,7 @@ class Supervisor:
         if self.is_stopping:
             return
         self.is_stopping = True
+        self.stopped_at = self.conn.now() if self.conn is not None else time.time()
         if self.conn is not None:
             try:  # it fires schedules no more: their ticks from now on may be missed ones
                 self.conn.execute("UPDATE workers SET fires_schedules = 0 WHERE id = ?", (self.supervisor_id,))
@@ -4461,6 +4740,7 @@ class Supervisor:
         self.exit_code = 128 + signum
         log("supervisor aborting: stopping running jobs and returning them to pending")
         self.stop_workers_now()
+        self.hooks.kill_all()
 
     def stop_workers_now(self):
         """Abort the workers (SIGUSR1); kill any still there after the grace, and their jobs."""
@@ -4788,6 +5068,8 @@ def cmd_status(args):
     busy = sum(1 for w in workers if w["current_job"])
     print(f"\nworkers: {len(workers)} alive ({busy} busy) under {supervisors} supervisor(s)")
     print("oldest runnable job: " + ("none waiting" if age_s is None else f"waiting {seconds_text(age_s)}"))
+    kept = [f"{state} jobs {text if parse_duration(text) else 'forever'}" for state, text in status["kept"].items()]
+    print(f"kept: {', '.join(kept)} after they finish (then running supervisors delete them)")
 
 
 def cmd_list(args):
@@ -5205,8 +5487,10 @@ LATEST_SEQ = 2**63 - 1  # above every job's seq
 def status_json(conn, processes=None):
     """`status --json`: counts per state, live workers, the oldest runnable job's age."""
     processes = live_processes(conn) if processes is None else processes
+    config = load_config(conn)
     return {"jobs": count_by_state(conn), "workers": [p for p in processes if p["kind"] == "worker"],
-            "oldest_runnable_age_s": oldest_runnable_age_s(conn)}
+            "oldest_runnable_age_s": oldest_runnable_age_s(conn),
+            "kept": {"completed": config["keep_completed"], "dead": config["keep_dead"]}}
 
 
 def show_json(conn, job_id):
@@ -5372,6 +5656,33 @@ def api_schedule_run(conn, name):
     return show_json(conn, job_id)
 
 
+ACTIVITY_MINUTES = 60  # the chart's span
+FAILED_OUTCOMES = ("failed", "timed_out", "lost")  # the chart's failed runs
+
+# Runs per whole minute and outcome since a time, through runs_by_finish (the
+# runs' rows are not read). Whole seconds first: both engines divide integers
+# alike, where they cast a fraction differently.
+RUNS_PER_MINUTE_SQL = """
+SELECT CAST(finished_at AS BIGINT) / 60 AS minute, outcome, count(*) AS runs
+FROM runs
+WHERE finished_at >= :since
+  AND finished_at IS NOT NULL
+GROUP BY CAST(finished_at AS BIGINT) / 60, outcome
+"""
+
+
+def runs_per_minute(conn, now=None):
+    """GET /api/activity: completed and failed runs in each of the last ACTIVITY_MINUTES minutes, oldest first."""
+    now = conn.now() if now is None else now
+    first = int(now // 60) - ACTIVITY_MINUTES + 1
+    counts = collections.Counter()
+    for row in conn.execute(RUNS_PER_MINUTE_SQL, {"since": first * 60}):
+        if row["outcome"] == "completed" or row["outcome"] in FAILED_OUTCOMES:
+            counts[int(row["minute"]), row["outcome"] == "completed"] += row["runs"]
+    return {"minutes": [{"minute": iso(minute * 60), "completed": counts[minute, True],
+                         "failed": counts[minute, False]} for minute in range(first, first + ACTIVITY_MINUTES)]}
+
+
 # (method, path pattern, handler(conn, query, *path parts)). A part is one
 # path segment, percent-decoded: job ids may hold '@' and ':'.
 API_ROUTES = [
@@ -5383,6 +5694,7 @@ API_ROUTES = [
     ("GET", r"/api/queues", lambda conn, query: list_queues(conn)),
     ("GET", r"/api/schedules", lambda conn, query: [schedule_json(row) for row in get_schedules(conn)]),
     ("GET", r"/api/workers", lambda conn, query: live_processes(conn)),
+    ("GET", r"/api/activity", lambda conn, query: runs_per_minute(conn)),
     ("POST", r"/api/jobs/([^/]+)/cancel", lambda conn, query, job_id: api_cancel(conn, job_id)),
     ("POST", r"/api/jobs/([^/]+)/retry", lambda conn, query, job_id: api_retry(conn, job_id)),
     ("POST", r"/api/dlq/retry", lambda conn, query: api_dlq_retry(conn)),
@@ -5394,6 +5706,100 @@ API_ROUTES = [
      lambda conn, query, name: api_schedule(conn, name, RESUME_SCHEDULE_SQL)),
     ("POST", r"/api/schedules/([^/]+)/run", lambda conn, query, name: api_schedule_run(conn, name)),
 ]
+
+
+# ---------------------------------------------------------------------------
+# Dashboard: /metrics for Prometheus
+# ---------------------------------------------------------------------------
+#
+# The text format (version 0.0.4). Gauges are read as the page reads them
+# (kept counts, one index step); the counters count the runs that finished
+# since this dashboard started, as any exporter's counters count from its
+# start: Prometheus' rate() and increase() take a restart in their stride.
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RUN_DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
+FINISHED_OUTCOMES = tuple(outcome for outcome in RUN_OUTCOMES if outcome != "running")
+
+# The runs that finished since a time: their key, outcome and duration.
+RUNS_FINISHED_SINCE_SQL = """
+SELECT job_seq, run, outcome, finished_at - started_at AS took_s, finished_at
+FROM runs
+WHERE finished_at >= :since
+  AND finished_at IS NOT NULL
+"""
+
+
+class RunTally:
+    """The runs that finished since `since`, by outcome, and a histogram of how long they took.
+
+    Each update reads, through runs_by_finish, the runs that finished since
+    the one before, and those of the LATE_S before that: a run's row is
+    written when it ends, by any host, so one may land a little in the past.
+    A run is counted once: its key is remembered while it is that recent.
+    """
+
+    LATE_S = 30.0
+
+    def __init__(self, since):
+        self.since = self.read_from = since
+        self.by_outcome = dict.fromkeys(FINISHED_OUTCOMES, 0)
+        self.buckets = [0] * len(RUN_DURATION_BUCKETS_S)  # runs that took at most each bound
+        self.count, self.total_s = 0, 0.0
+        self.recent = {}  # (job seq, run) -> finished_at, for the runs counted in the last LATE_S
+
+    def update(self, conn):
+        """Count the runs that finished since the last update."""
+        now = conn.now()
+        for row in conn.execute(RUNS_FINISHED_SINCE_SQL, {"since": max(self.read_from - self.LATE_S, self.since)}):
+            key = (row["job_seq"], row["run"])
+            if key in self.recent or row["outcome"] not in self.by_outcome:
+                continue
+            self.recent[key] = row["finished_at"]
+            self.by_outcome[row["outcome"]] += 1
+            took_s = max(row["took_s"], 0.0)
+            self.count, self.total_s = self.count + 1, self.total_s + took_s
+            for i, bound in enumerate(RUN_DURATION_BUCKETS_S):
+                self.buckets[i] += took_s <= bound
+        self.read_from = now
+        self.recent = {key: at for key, at in self.recent.items() if at >= now - 2 * self.LATE_S}
+
+
+def metric_labels(**labels):
+    """{name="value",...} with the text format's escapes."""
+    def escaped(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{name}="{escaped(value)}"' for name, value in labels.items()) + "}" if labels else ""
+
+
+def metric(lines, name, kind, text, samples):
+    """One family: its HELP and TYPE lines, then each (suffix, labels, value) sample."""
+    lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+    lines += [f"{name}{suffix}{metric_labels(**labels)} {value!r}" for suffix, labels, value in samples]
+
+
+def metrics_text(conn, tally):
+    """GET /metrics: the queue now, and the runs finished since the dashboard started."""
+    tally.update(conn)
+    counts = conn.count_jobs()
+    queues = sorted({queue for queue, _ in counts})
+    workers = [p for p in live_processes(conn) if p["kind"] == "worker"]
+    lines = []
+    metric(lines, "queuectl_jobs", "gauge", "Jobs in each state, per queue.",
+           [("", {"queue": queue, "state": state}, counts.get((queue, state), 0)) for queue in queues for state in STATES])
+    metric(lines, "queuectl_jobs_processing", "gauge", "Jobs running now, in every queue.",
+           [("", {}, sum(n for (_, state), n in counts.items() if state == "processing"))])
+    metric(lines, "queuectl_oldest_runnable_age_seconds", "gauge",
+           "How long the longest-waiting due job has waited (0: none waits).", [("", {}, float(oldest_runnable_age_s(conn) or 0))])
+    metric(lines, "queuectl_runs_finished_total", "counter", "Runs that finished since this dashboard started, by outcome.",
+           [("", {"outcome": outcome}, n) for outcome, n in tally.by_outcome.items()])
+    buckets = [("_bucket", {"le": f"{bound:g}"}, n) for bound, n in zip(RUN_DURATION_BUCKETS_S, tally.buckets)]
+    metric(lines, "queuectl_run_duration_seconds", "histogram",
+           "How long the runs that finished since this dashboard started took.",
+           [*buckets, ("_bucket", {"le": "+Inf"}, tally.count), ("_sum", {}, float(tally.total_s)),
+            ("_count", {}, tally.count)])
+    metric(lines, "queuectl_workers_alive", "gauge", "Worker processes alive, on every host.", [("", {}, len(workers))])
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -5438,6 +5844,7 @@ class Dashboard:
         self.lock = threading.Lock()  # one request at a time reaches the database
         self.conn = None
         self.snapshots = {}  # (path, query) -> (expires at, status, body)
+        self.tally = RunTally(time.time())  # /metrics' counters count from now
 
     def answer(self, method, target, headers):
         """(status, [(header, value)], body bytes) for one request."""
@@ -5451,6 +5858,8 @@ class Dashboard:
             if via == "query":
                 extra.append(("Set-Cookie", f"{self.cookie_name}={self.token}; HttpOnly; SameSite=Strict; Path=/"))
             query.pop("token", None)
+            if url.path == "/metrics":
+                return self.metrics(method, extra)
             if not url.path.startswith("/api/"):
                 return self.page(method, url.path, extra)
             route_method, handler, parts = self.route(url.path)
@@ -5525,14 +5934,22 @@ class Dashboard:
                 return method, handler, [urllib.parse.unquote(part) for part in match.groups()]
         raise HttpError(404, f"no such route: {one_line(path, 80)}")
 
-    def snapshot(self, key, handler, query, parts):
+    def metrics(self, method, extra):
+        """GET /metrics: the text format, or a JSON error."""
+        if method != "GET":
+            raise HttpError(405, "/metrics takes GET only")
+        status, body = self.snapshot(("/metrics", ()), lambda conn, query: metrics_text(conn, self.tally), {}, [],
+                                     render=str.encode)
+        return status, [("Content-Type", METRICS_CONTENT_TYPE if status == 200 else "application/json"), *extra], body
+
+    def snapshot(self, key, handler, query, parts, render=None):
         """A GET's (status, body), computed at most once per DASHBOARD_SNAPSHOT_S for every client."""
         with self.lock:
             now = time.monotonic()
             hit = self.snapshots.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1:]
-            status, body = self.call(handler, query, parts)
+            status, body = self.call(handler, query, parts, render=render)
             if len(self.snapshots) > 1000:  # forget the stale ones now and then
                 self.snapshots = {k: v for k, v in self.snapshots.items() if v[0] > now}
             self.snapshots[key] = (time.monotonic() + DASHBOARD_SNAPSHOT_S, status, body)
@@ -5544,7 +5961,7 @@ class Dashboard:
             self.snapshots.clear()
             return self.call(handler, query, parts)
 
-    def call(self, handler, query, parts, tries=2):
+    def call(self, handler, query, parts, tries=2, render=None):
         """Run a route's handler on the connection; a dropped one is opened again and the route run again."""
         try:
             if self.conn is None:
@@ -5554,12 +5971,12 @@ class Dashboard:
                 reap_if_possible(self.conn)  # jobs of a vanished worker show as what they are now
                 if_possible(self.conn, fold_counts)
                 self.last_reap = time.monotonic()
-            return 200, json_body(handler(self.conn, query, *parts))
+            return 200, (render or json_body)(handler(self.conn, query, *parts))
         except QueueError as e:
             if isinstance(e, StorageError) and e.kind in ("lost", "corrupt"):
                 self.close()
                 if e.kind == "lost" and tries > 1:  # a POST's transaction either committed or not: both safe
-                    return self.call(handler, query, parts, tries - 1)
+                    return self.call(handler, query, parts, tries - 1, render)
             status = next(status for kind, status in ERROR_STATUS if isinstance(e, kind))
             return status, json_body({"error": str(e)})
 
@@ -5750,6 +6167,15 @@ PAGE_HTML = """<!doctype html>
   <ul id="counts"></ul>
 
   <section>
+    <h2>Runs per minute, the last hour</h2>
+    <svg id="activity" viewBox="0 0 600 100" preserveAspectRatio="none" role="img"
+      aria-label="completed and failed runs per minute over the last hour"></svg>
+    <p class="muted legend"><span class="key completed"></span> completed
+      <span class="key failed"></span> failed (timed out and lost included)
+      <span id="activity-total"></span></p>
+  </section>
+
+  <section>
     <h2>Queues</h2>
     <div class="scroll"><table id="queues">
       <thead><tr><th>Queue</th><th>Paused</th><th class="num">Limit</th><th class="num">Pending</th>
@@ -5851,6 +6277,11 @@ h2 { font-size: 16px; margin: 24px 0 8px; } h3 { font-size: 14px; margin: 20px 0
 #error { background: var(--dead); color: #fff; padding: 8px 12px; border-radius: 6px; }
 #counts { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 8px;
   list-style: none; padding: 0; margin: 16px 0 0; }
+#activity { display: block; width: 100%; height: 100px; background: var(--panel); border: 1px solid var(--line);
+  border-radius: 8px; }
+#activity .completed, .key.completed { fill: var(--completed); background: var(--completed); }
+#activity .failed, .key.failed { fill: var(--failed); background: var(--failed); }
+.key { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-left: 8px; }
 #counts a { display: block; padding: 10px 12px; border: 1px solid var(--line); border-radius: 8px;
   background: var(--panel); color: var(--fg); text-decoration: none; }
 #counts .n { display: block; font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
@@ -5993,6 +6424,31 @@ function renderSchedules(schedules) {
       " ", button("Run now", "run", () => change(`/api/schedules/${q(s.name)}/run`))))), 7, "no schedules");
 }
 
+// Stacked bars, one a minute: completed below, failed on top, scaled to the busiest minute.
+function renderActivity(activity) {
+  const svg = "http://www.w3.org/2000/svg", width = 600 / activity.minutes.length, height = 96;
+  const most = Math.max(1, ...activity.minutes.map((m) => m.completed + m.failed));
+  const bars = [];
+  activity.minutes.forEach((m, i) => {
+    let top = height + 2;
+    for (const [kind, n] of [["completed", m.completed], ["failed", m.failed]]) {
+      if (!n) continue;
+      const bar = document.createElementNS(svg, "rect"), tall = Math.max(1, (n / most) * height);
+      top -= tall;
+      for (const [name, value] of [["x", i * width + 1], ["y", top], ["width", width - 2], ["height", tall]]) bar.setAttribute(name, value);
+      bar.setAttribute("class", kind);
+      bar.setAttribute("data-minute", m.minute);
+      const title = document.createElementNS(svg, "title");
+      title.textContent = `${time(m.minute).slice(11, 16)} UTC: ${m.completed} completed, ${m.failed} failed`;
+      bar.append(title);
+      bars.push(bar);
+    }
+  });
+  $("#activity").replaceChildren(...bars);
+  const total = (kind) => activity.minutes.reduce((sum, m) => sum + m[kind], 0);
+  $("#activity-total").textContent = `: ${total("completed")} and ${total("failed")} in the hour`;
+}
+
 function renderJobs(page) {
   fill($("#jobs tbody"), page.jobs.map((job) => el("tr", { "data-job": job.id },
     el("td", {}, el("a", { href: `#/jobs/${q(job.id)}` }, job.id)), stateCell(job.state), el("td", {}, job.queue),
@@ -6022,10 +6478,10 @@ function filterBy(changes) {
 // Each part on its own: one failing (a page of jobs whose first job was
 // purged) leaves the others live.
 async function refreshOverview(generation) {
-  const paths = ["/api/status", "/api/queues", "/api/workers", "/api/schedules", jobsPath()];
+  const paths = ["/api/status", "/api/queues", "/api/workers", "/api/schedules", jobsPath(), "/api/activity"];
   const answers = await Promise.allSettled(paths.map((path) => api(path)));
   if (generation !== refreshes) return;
-  [renderCounts, renderQueues, renderWorkers, renderSchedules, renderJobs].forEach((render, i) => {
+  [renderCounts, renderQueues, renderWorkers, renderSchedules, renderJobs, renderActivity].forEach((render, i) => {
     if (answers[i].status === "fulfilled") render(answers[i].value);
   });
   const failed = answers.find((answer) => answer.status === "rejected");

@@ -819,7 +819,9 @@ def test_config_list_shows_every_key_with_defaults(db):
     code, out, _ = cli("config", "list", "--json")
     assert code == 0
     assert json.loads(out) == {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600, "job_timeout": 3600,
-                               "lease_timeout": 30, "poll_interval": 0.5, "output_limit": 65536}
+                               "lease_timeout": 30, "poll_interval": 0.5, "output_limit": 65536,
+                               "keep_completed": "7d", "keep_dead": "30d", "on_failure": "", "on_dead": "",
+                               "hook_timeout": 30}
 
 
 def test_config_set_then_get(db):
@@ -1445,7 +1447,8 @@ def test_every_start_method_runs_a_burst_to_completion(fast, method):
 # run the CLI as user nobody, since root ignores file modes.
 
 KNOWN_FIELDS = "id, command, max_retries, timeout, priority, queue, run_at, delay, env, cwd, depends_on"
-KNOWN_KEYS = "max_retries, backoff_base, backoff_max, job_timeout, lease_timeout, poll_interval, output_limit"
+KNOWN_KEYS = ("max_retries, backoff_base, backoff_max, job_timeout, lease_timeout, poll_interval, output_limit, "
+              "keep_completed, keep_dead, on_failure, on_dead, hook_timeout")
 INJECTION = "x'); DROP TABLE jobs;--"
 
 
@@ -3358,6 +3361,8 @@ def test_status_reads_kept_counts_on_postgresql_and_a_version_6_database_gets_th
         conn.execute("DROP TRIGGER job_counts_on_delete ON jobs")
         conn.execute("DROP FUNCTION count_state_change, count_deleted_jobs")
         conn.execute("ALTER TABLE jobs DROP COLUMN has_dependents")  # version 8's
+        conn.execute("DROP INDEX jobs_finished, runs_by_finish")  # version 9's
+        conn.execute("DROP TABLE hook_events")
         conn.execute("UPDATE meta SET version = 6")
     assert status()["jobs"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "dead": 1, "canceled": 0}
     assert sql_rows("SELECT version FROM meta") == [(queuectl.SCHEMA_VERSION,)]
@@ -6027,6 +6032,232 @@ def test_the_job_list_can_leave_out_output_and_names_each_job_once(fast, dashboa
 
 
 # ---------------------------------------------------------------------------
+# Months on a server: retention, hooks, /metrics, the chart
+# ---------------------------------------------------------------------------
+
+def age_jobs(job_ids, seconds):
+    """Make jobs look as if they finished `seconds` earlier than they did."""
+    with contextlib.closing(queuectl.connect(os.environ["QUEUECTL_DB"])) as conn, conn.transaction():
+        for job_id in job_ids:
+            conn.execute("UPDATE jobs SET finished_at = finished_at - ? WHERE id = ?", (seconds, job_id))
+
+
+def job_ids():
+    """The ids of every job, sorted."""
+    return sorted(job["id"] for job in all_jobs())
+
+
+def test_retention_deletes_completed_and_dead_jobs_kept_past_their_time_and_nothing_else(fast):
+    enqueue("-c", "true", "--id", "old-done")
+    enqueue("-c", "true", "--id", "new-done")
+    enqueue("-c", "false", "--id", "old-dead", "--max-retries", "0")
+    enqueue("-c", "true", "--id", "old-canceled")
+    assert cli("cancel", "old-canceled")[0] == 0
+    burst()
+    assert cli("queue", "pause", "held")[0] == 0  # its job waits, and no burst waits for it
+    enqueue("-c", "true", "--id", "waiting", "--queue", "held")
+    age_jobs(["old-done", "old-dead", "old-canceled"], 8 * 86400)
+    burst()  # a supervisor: its first beat applies retention
+    assert job_ids() == ["new-done", "old-canceled", "old-dead", "waiting"]  # keep_dead is 30d
+    config_set("keep_dead", "7d")
+    config_set("keep_completed", "0")  # forever
+    age_jobs(["new-done"], 365 * 86400)
+    burst()
+    assert job_ids() == ["new-done", "old-canceled", "waiting"]
+    assert show("waiting")["state"] == "pending"
+
+
+def test_retention_deletes_a_bounded_batch_at_a_time_through_jobs_finished(db):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        add_jobs(conn, [{"command": "true", "id": f"done-{i}"} for i in range(1100)] +
+                 [{"command": "true", "id": f"live-{i}"} for i in range(50)])
+        with conn.transaction():
+            conn.execute("UPDATE jobs SET state = 'completed', finished_at = 1000 WHERE id LIKE 'done-%'")
+        config = queuectl.load_config(conn)
+        deleted = [queuectl.apply_retention(conn, config)["completed"] for _ in range(4)]
+        assert deleted == [queuectl.PURGE_BATCH, queuectl.PURGE_BATCH, 100, 0]
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 50
+        select = queuectl.EXPIRED_JOBS_SQL.format(state="completed", batch=500, locking="")
+        plan = " ".join(str(tuple(row)) for row in conn.execute(
+            ("EXPLAIN " if PG_URL else "EXPLAIN QUERY PLAN ") + select.replace("?", "1000")))
+        assert "jobs_finished" in plan, plan
+
+
+def test_status_says_how_long_finished_jobs_are_kept(db):
+    assert status()["kept"] == {"completed": "7d", "dead": "30d"}
+    config_set("keep_completed", "12h")
+    config_set("keep_dead", "0")
+    assert status()["kept"] == {"completed": "12h", "dead": "0"}
+    code, out, _ = cli("status")
+    assert code == 0
+    assert "kept: completed jobs 12h, dead jobs forever after they finish" in out
+
+
+DURATION_RULE = "must be a duration like 90s, 15m, 12h or 7d, or 0 to keep them forever"
+
+
+@pytest.mark.parametrize("key, value, error", [
+    ("keep_completed", "soon", f"config keep_completed {DURATION_RULE}, got 'soon'"),
+    ("keep_dead", "2w", f"config keep_dead {DURATION_RULE}, got '2w'"),
+    ("hook_timeout", "0", "config hook_timeout must be greater than 0, got 0.0"),
+])
+def test_a_bad_retention_or_hook_setting_is_one_line_exit_2_and_changes_nothing(db, key, value, error):
+    before = cli("config", "list", "--json")[1]
+    assert cli("config", "set", key, value) == (2, "", f"queuectl: error: {error}\n")
+    assert cli("config", "list", "--json")[1] == before
+
+
+def hook_lines(path):
+    """The lines hooks appended to a file, sorted."""
+    return sorted(path.read_text().splitlines()) if path.exists() else []
+
+
+def test_hooks_run_once_for_each_failed_run_and_once_when_a_job_dies_with_the_event_in_their_environment(
+        fast, tmp_path):
+    record = tmp_path / "hooks.txt"
+    config_set("on_failure", f'echo "failure $QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $QUEUECTL_EXIT_CODE '
+                             f'$QUEUECTL_ERROR $QUEUECTL_QUEUE" >> {record}')
+    config_set("on_dead", f'echo "dead $QUEUECTL_JOB_ID $QUEUECTL_HOOK" >> {record}')
+    enqueue("-c", "exit 3", "--id", "flaky", "--max-retries", "1", "--queue", "mail")
+    enqueue("-c", "true", "--id", "fine")
+    enqueue("-c", "sleep 5", "--id", "slow", "--max-retries", "0", "--timeout", "0.2")
+    burst()
+    assert hook_lines(record) == ["dead flaky on_dead", "dead slow on_dead",
+                                  "failure flaky 1 3 exit status 3 mail", "failure flaky 2 3 exit status 3 mail",
+                                  "failure slow 1  timed out after 0.2 s (killed by signal SIGTERM) default"]
+    assert sql_rows("SELECT count(*) FROM hook_events") == [(0,)]
+
+
+def test_each_hook_event_runs_exactly_once_with_two_supervisors(fast, pool, tmp_path):
+    record = tmp_path / "hooks.txt"
+    config_set("on_failure", f'echo "failure $QUEUECTL_JOB_ID" >> {record}')
+    config_set("on_dead", f'echo "dead $QUEUECTL_JOB_ID" >> {record}')
+    enqueue_lines(jsonl(*({"command": "exit 1", "id": f"j{i}", "max_retries": 0} for i in range(30))))
+    supervisors = [pool("--count", "2"), pool("--count", "2")]
+    assert wait_until(lambda: len(hook_lines(record)) >= 60, timeout=60)
+    for supervisor in supervisors:
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0
+    expected = sorted([f"failure j{i}" for i in range(30)] + [f"dead j{i}" for i in range(30)])
+    assert hook_lines(record) == expected
+    logs = "".join(log_text(supervisor) for supervisor in supervisors)
+    assert (logs.count(" done\n"), logs.count("hook on_dead of job")) == (60, 30)
+
+
+def test_a_hook_that_hangs_is_killed_at_hook_timeout_and_never_holds_up_the_workers(fast, pool, tmp_path):
+    config_set("hook_timeout", "0.5")
+    config_set("on_dead", f"echo $$ > {tmp_path}/hook.pid; exec sleep 30")
+    enqueue("-c", "false", "--id", "doomed", "--max-retries", "0")
+    supervisor = pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "hook.pid"))
+    hook_pid = read_pid(tmp_path / "hook.pid")
+    enqueue("-c", "true", "--id", "after")  # runs while the hook hangs
+    assert wait_until(lambda: show("after")["state"] == "completed")
+    assert wait_until(lambda: not is_running(hook_pid))
+    assert wait_until(lambda: "hook on_dead of job doomed (attempt 1) did not end in time: killed" in log_text(supervisor))
+    assert wait_until(lambda: sql_rows("SELECT count(*) FROM hook_events") == [(0,)])
+
+
+def test_a_hook_that_fails_is_logged_and_not_run_again(fast, pool, tmp_path):
+    record = tmp_path / "hooks.txt"
+    config_set("on_dead", f"echo ran >> {record}; exit 1")
+    enqueue("-c", "false", "--id", "doomed", "--max-retries", "0")
+    supervisor = pool("--count", "1")
+    assert wait_until(lambda: "hook on_dead of job doomed (attempt 1) failed: exit status 1" in log_text(supervisor))
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0
+    assert hook_lines(record) == ["ran"]
+    assert sql_rows("SELECT count(*) FROM hook_events") == [(0,)]
+
+
+def test_no_hook_set_writes_no_hook_events(fast):
+    enqueue("-c", "false", "--id", "doomed", "--max-retries", "1")
+    burst()
+    assert show("doomed")["state"] == "dead"
+    assert sql_rows("SELECT count(*) FROM hook_events") == [(0,)]
+
+
+def prometheus_families(text):
+    """{name: family} as prometheus_client's own parser reads the text (it raises on a malformed line)."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    return {family.name: family for family in parser.text_string_to_metric_families(text)}
+
+
+def sample_values(family):
+    """{(suffix, frozenset of labels): value} of a parsed family."""
+    return {(sample.name[len(family.name):], frozenset(sample.labels.items())): sample.value
+            for sample in family.samples}
+
+
+def test_metrics_are_prometheus_text_with_the_queue_the_runs_and_the_workers(fast, dashboard):
+    code, headers, _ = dashboard.raw("GET", "/metrics")
+    assert code == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    enqueue("-c", "true", "--id", "ok", "--queue", "mail")
+    enqueue("-c", "exit 2", "--id", "bad", "--max-retries", "0")
+    burst()
+    enqueue("-c", "true", "--id", "later", "--delay", "3600")
+    assert wait_until(lambda: "queuectl_run_duration_seconds_count 2" in dashboard.raw("GET", "/metrics")[2].decode())
+    families = prometheus_families(dashboard.raw("GET", "/metrics")[2].decode())
+    jobs = sample_values(families["queuectl_jobs"])
+    assert jobs[("", frozenset({"queue": "mail", "state": "completed"}.items()))] == 1
+    assert jobs[("", frozenset({"queue": "default", "state": "dead"}.items()))] == 1
+    assert jobs[("", frozenset({"queue": "default", "state": "pending"}.items()))] == 1
+    assert families["queuectl_runs_finished"].type == "counter"
+    runs = sample_values(families["queuectl_runs_finished"])
+    assert runs[("_total", frozenset({"outcome": "completed"}.items()))] == 1
+    assert runs[("_total", frozenset({"outcome": "failed"}.items()))] == 1
+    durations = sample_values(families["queuectl_run_duration_seconds"])
+    assert families["queuectl_run_duration_seconds"].type == "histogram"
+    assert durations[("_count", frozenset())] == 2
+    assert durations[("_bucket", frozenset({"le": "+Inf"}.items()))] == 2
+    assert sample_values(families["queuectl_jobs_processing"]) == {("", frozenset()): 0}
+    assert sample_values(families["queuectl_workers_alive"]) == {("", frozenset()): 0}
+    assert sample_values(families["queuectl_oldest_runnable_age_seconds"]) == {("", frozenset()): 0}
+
+
+def test_metrics_need_the_token_like_the_api(dashboard):
+    assert dashboard.raw("GET", "/metrics", token=False)[0] == 401
+    assert dashboard.raw("GET", "/metrics", token="wrong")[0] == 401
+    assert dashboard.raw("GET", f"/metrics?token={dashboard.token}", token=False)[0] == 200
+    assert dashboard.raw("POST", "/metrics")[0] == 405
+    assert dashboard.raw("GET", "/metrics", headers={"Host": "evil.example:80"})[0] == 403
+
+
+def test_metrics_count_only_the_runs_that_finished_since_the_dashboard_started(fast, dashboard_server):
+    enqueue("-c", "true", "--id", "before")
+    burst()
+    dashboard = dashboard_server()
+    enqueue("-c", "true", "--id", "after")
+    burst()
+    assert wait_until(lambda: 'queuectl_runs_finished_total{outcome="completed"} 1\n'
+                      in dashboard.raw("GET", "/metrics")[2].decode())
+    assert 'queuectl_jobs{queue="default",state="completed"} 2\n' in dashboard.raw("GET", "/metrics")[2].decode()
+
+
+def test_the_activity_counts_completed_and_failed_runs_per_minute_for_the_last_hour(fast, dashboard):
+    enqueue("-c", "true", "--id", "ok")
+    enqueue("-c", "exit 1", "--id", "bad", "--max-retries", "1")
+    burst()
+
+    def all_three_runs_in():
+        minutes = dashboard.get("/api/activity")["minutes"]
+        return minutes if sum(m["completed"] + m["failed"] for m in minutes) == 3 else None
+
+    minutes = wait_until(all_three_runs_in)
+    assert minutes and len(minutes) == queuectl.ACTIVITY_MINUTES
+    assert (sum(m["completed"] for m in minutes), sum(m["failed"] for m in minutes)) == (1, 2)
+    assert minutes == sorted(minutes, key=lambda m: m["minute"])
+    with contextlib.closing(queuectl.connect(os.environ["QUEUECTL_DB"])) as conn:
+        if PG_URL:  # a handful of runs is read fastest whole: ask whether the index can serve
+            conn.execute("SET enable_seqscan = off")
+        since = str(time.time() - 3600)
+        plan = " ".join(str(tuple(row)) for row in conn.execute(
+            ("EXPLAIN " if PG_URL else "EXPLAIN QUERY PLAN ") + queuectl.RUNS_PER_MINUTE_SQL.replace(":since", since)))
+    assert "runs_by_finish" in plan, plan
+
+
+# ---------------------------------------------------------------------------
 # The dashboard in a real browser (Playwright, Debian's Chromium)
 # ---------------------------------------------------------------------------
 
@@ -6254,3 +6485,15 @@ def test_dashboard_job_page_tails_the_output_of_a_running_job(fast, pool, tmp_pa
     assert wait_until(lambda: show("tail")["state"] == "completed")
     on_page(output).to_contain_text("tail-done")
     on_page(job_field(browser_page, "state")).to_have_text("completed")
+
+
+def test_dashboard_charts_completed_and_failed_runs_per_minute(fast, browser_dashboard, browser_page):
+    enqueue("-c", "true", "--id", "fine")
+    enqueue("-c", "false", "--id", "broken", "--max-retries", "0")
+    burst()
+    open_dashboard(browser_page, browser_dashboard)
+    on_page(browser_page.locator("#activity rect.completed")).to_have_count(1)
+    on_page(browser_page.locator("#activity rect.failed")).to_have_count(1)
+    on_page(browser_page.locator("#activity-total")).to_have_text(": 1 and 1 in the hour")
+    title = browser_page.locator("#activity rect.completed title").text_content()
+    assert re.fullmatch(r"\d\d:\d\d UTC: 1 completed, 1 failed", title), title
