@@ -4491,7 +4491,8 @@ class Supervisor:
         self.fatal_error = None  # set when the database turned out corrupt
         self.config = None  # as read at the last beat
         self.hooks = Hooks(self.supervisor_id, db_path)
-        self.stopped_at = math.inf  # when it began to stop, on the database's clock: later hook events are others'
+        self.stopped_at = math.inf  # stopping: when its last worker was gone; later hook events are others'
+        self.had_workers = False  # whether the last tick saw any
         self.retention_at = 0.0  # when to look for jobs past their keep_* time next (monotonic)
 
     def run(self):
@@ -4678,6 +4679,9 @@ class Supervisor:
             if now >= self.retention_at:
                 self.apply_retention(config)
         self.hooks.poll()
+        if self.is_stopping and (self.workers or self.had_workers):  # our draining workers' last events are ours too
+            self.stopped_at = self.conn.now()  # read after the last of them exited: after its last commit
+        self.had_workers = bool(self.workers)
         if self.config is not None:
             retry_busy(self.hooks.take_and_start, self.conn, self.config, self.stopped_at)
         if self.stop_requested:

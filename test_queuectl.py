@@ -6171,6 +6171,18 @@ def test_a_hook_that_fails_is_logged_and_not_run_again(fast, pool, tmp_path):
     assert sql_rows("SELECT count(*) FROM hook_events") == [(0,)]
 
 
+def test_a_supervisor_stopped_while_a_job_runs_runs_the_hook_of_that_jobs_end_before_it_exits(fast, pool, tmp_path):
+    record = tmp_path / "hooks.txt"
+    config_set("on_dead", f"echo $QUEUECTL_JOB_ID >> {record}")
+    enqueue("-c", f"touch {tmp_path}/started; sleep 0.5; exit 1", "--id", "last", "--max-retries", "0")
+    supervisor = pool("--count", "1")
+    assert wait_until(lambda: (tmp_path / "started").exists())
+    supervisor.send_signal(signal.SIGTERM)  # it drains: the job ends dead after the stop began
+    assert supervisor.wait(timeout=30) == 0
+    assert show("last")["state"] == "dead"
+    assert hook_lines(record) == ["last"]
+
+
 def test_no_hook_set_writes_no_hook_events(fast):
     enqueue("-c", "false", "--id", "doomed", "--max-retries", "1")
     burst()
