@@ -96,6 +96,7 @@ CONFIG_RULES = {
     "hook_timeout": ConfigRule(30, float, low=0, low_excluded=True),  # then a hook is killed
 }
 HOOKS = ("on_failure", "on_dead")
+MIN_KEEP_S = 60  # the shortest keep_* other than 0
 
 # Linux refuses one exec argument longer than this (MAX_ARG_STRLEN less the NUL).
 MAX_COMMAND_BYTES = 128 * 1024 - 1
@@ -652,7 +653,9 @@ SCHEMA_V8 = [
 #   scrape), read without the runs' rows.
 # * hook_events: a run that failed or a job that died, waiting for its hook
 #   (on_failure, on_dead) to be run by one supervisor (taken_by), then
-#   deleted.
+#   deleted; worker_id is the run's, so a stopping supervisor takes its own.
+# * A database that already holds jobs keeps them forever until keep_* is
+#   set: an upgrade never starts deleting history by itself.
 def schema_v9(serial_key, time_type):
     return [
         "CREATE INDEX jobs_finished ON jobs (state, finished_at) WHERE state IN ('completed', 'dead')",
@@ -666,10 +669,13 @@ def schema_v9(serial_key, time_type):
             attempt      INTEGER NOT NULL,
             exit_code    INTEGER,
             error        TEXT,
+            worker_id    TEXT,
             created_at   {time_type} NOT NULL,
             taken_by     TEXT
         )
         """,
+        "INSERT INTO config (key, value) SELECT 'keep_completed', '\"0\"' WHERE EXISTS (SELECT 1 FROM jobs)",
+        "INSERT INTO config (key, value) SELECT 'keep_dead', '\"0\"' WHERE EXISTS (SELECT 1 FROM jobs)",
     ]
 
 
@@ -1026,6 +1032,7 @@ class Engine:
     SKIP_LOCKED = ""  # ends the claim's read: rows another claimer holds are passed over
     location = None  # where the queue is, for people (`init`)
     CALLS_CAN_HANG = False  # whether a statement can block past the fence (a network that went silent)
+    MINUTE_OF_FINISH = "CAST(finished_at AS INTEGER) / 60"  # the whole minute a run finished in (SQLite truncates)
     # Whether a claim, and the end of a run, can each be one statement (a WITH
     # that writes): one round trip each where the database is far away.
     ONE_STATEMENT_WRITES = False
@@ -1594,6 +1601,7 @@ class PostgresEngine(Engine):
     LOCK_FOR_UPDATE = "FOR UPDATE"
     SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
     CALLS_CAN_HANG = True
+    MINUTE_OF_FINISH = "floor(finished_at / 60)"  # a cast would round to the nearest
     ONE_STATEMENT_WRITES = True
 
     # The claim's statements (see claim_statements): claimers skip the rows others hold.
@@ -1868,6 +1876,8 @@ def parse_config_value(key, text):
         if not DURATION_RE.fullmatch(text):
             raise UsageError(f"config {key} must be a duration like 90s, 15m, 12h or 7d, or 0 to keep them "
                              f"forever, got '{text}'")
+        if 0 < parse_duration(text) < MIN_KEEP_S:  # a job's on_dead hook must still find it
+            raise UsageError(f"config {key} must be 0 (forever) or at least 1m, got '{text.strip()}'")
         return text.strip()
     if rule.kind == COMMAND:
         return check_hook_command(key, text)
@@ -2188,8 +2198,8 @@ FINISH_RUN_SQL = finish_run_sql()
 def hook_events_sql(source=""):
     """The hooks' events of a run's end (none, on_failure, on_dead: see record_params), for each row of source."""
     return f"""
-    INSERT INTO hook_events (hook, job_id, queue, attempt, exit_code, error, created_at)
-    SELECT hook, :job_id, :queue, :attempt, :exit_code, :last_error, :now
+    INSERT INTO hook_events (hook, job_id, queue, attempt, exit_code, error, worker_id, created_at)
+    SELECT hook, :job_id, :queue, :attempt, :exit_code, :last_error, :worker_id, :now
     FROM (SELECT 'on_failure' AS hook WHERE :on_failure = 1
           UNION ALL
           SELECT 'on_dead' AS hook WHERE :on_dead = 1) AS hooks
@@ -2463,7 +2473,7 @@ def record_params(job, result, config, now):
             "stderr_text": result.stderr, "stderr_cut": result.stderr_cut,
             "retry_at": retry_at, "now": now,
             # HOOK_EVENTS_SQL's: an event only for a hook set now (the worker's config, at most a poll old)
-            "job_id": job["id"], "queue": job["queue"], "attempt": job["attempts"],
+            "job_id": job["id"], "queue": job["queue"], "attempt": job["attempts"], "worker_id": job["worker_id"],
             "on_failure": int(state != "completed" and bool(config.get("on_failure"))),
             "on_dead": int(state == "dead" and bool(config.get("on_dead")))}
 
@@ -4310,6 +4320,7 @@ def worker_main(db_path, worker_id, supervisor_id, label, queues, job_pids, slot
 # jobs, each event's hook exactly once whatever the number of supervisors.
 
 RETENTION_EVERY_S = 10.0  # how often a supervisor looks for jobs past their keep_* time (sooner while it finds many)
+RETENTION_LOCK_S = 0.1  # the longest a retention batch should hold the lock; slower batches are halved
 HOOK_SLOTS = 4  # hooks one supervisor runs at once
 
 # The oldest jobs of one end state finished before a time, through
@@ -4327,7 +4338,7 @@ LIMIT {batch}
 """
 
 
-def apply_retention(conn, config, now=None):
+def apply_retention(conn, config, batch=PURGE_BATCH, now=None):
     """Delete a batch of the completed and of the dead jobs kept past keep_completed and keep_dead.
 
     Returns {state: jobs deleted}. One short transaction per state, through
@@ -4339,7 +4350,7 @@ def apply_retention(conn, config, now=None):
     for state, key in (("completed", "keep_completed"), ("dead", "keep_dead")):
         keep_s = kept_s(config, key)
         if keep_s != math.inf:
-            select = EXPIRED_JOBS_SQL.format(state=state, batch=PURGE_BATCH, locking=conn.SKIP_LOCKED)
+            select = EXPIRED_JOBS_SQL.format(state=state, batch=batch, locking=conn.SKIP_LOCKED)
             deleted[state] = delete_batch(conn, select, [now - keep_s])
     unset = [hook for hook in HOOKS if not config[hook]]
     if unset:
@@ -4354,24 +4365,27 @@ NEXT_HOOK_EVENT_SQL = """
 SELECT seq, hook, job_id, queue, attempt, exit_code, error
 FROM hook_events
 WHERE taken_by IS NULL
-  AND created_at <= :created_before
+  {only_ours}
 ORDER BY seq
 LIMIT 1
 """
+OUR_WORKERS_SQL = "AND substr(worker_id, 1, :prefix_length) = :prefix"  # a worker's id starts with its supervisor's
 
 
-def take_hook_event(conn, owner, created_before=math.inf):
+def take_hook_event(conn, owner, only_ours=False):
     """The oldest hook event no supervisor has taken, now ours; None if there is none.
 
     Taken in a transaction of its own (another claimer's row is passed over),
-    so one supervisor of all runs each event's hook. Nothing to take costs
-    one read that takes no lock.
+    so one supervisor of all runs each event's hook. only_ours: just the
+    events of runs of owner's own workers (a supervisor that is stopping).
+    Nothing to take costs one read that takes no lock.
     """
-    params = {"created_before": created_before, "owner": owner}
-    if conn.execute(NEXT_HOOK_EVENT_SQL, params).fetchone() is None:
+    select = NEXT_HOOK_EVENT_SQL.format(only_ours=OUR_WORKERS_SQL if only_ours else "")
+    params = {"owner": owner, "prefix": owner + ".", "prefix_length": len(owner) + 1}
+    if conn.execute(select, params).fetchone() is None:
         return None
     with conn.transaction():
-        event = conn.execute(NEXT_HOOK_EVENT_SQL + conn.SKIP_LOCKED, params).fetchone()
+        event = conn.execute(select + conn.SKIP_LOCKED, params).fetchone()
         if event is not None:
             conn.execute("UPDATE hook_events SET taken_by = :owner WHERE seq = :seq", {**params, "seq": event["seq"]})
         return event
@@ -4383,23 +4397,28 @@ class Hooks:
     Each is `/bin/sh -c HOOK` in a session of its own, with the event in its
     environment and its output in the supervisor's log, killed (its whole
     group) after hook_timeout. The supervisor's loop only starts and polls
-    them, so a hook that hangs or fails holds up nothing but its own slot.
-    Exactly once: an event is taken by one supervisor (take_hook_event) and
-    deleted when its hook has ended, however it ended, and never taken
-    again. A supervisor killed while a hook runs leaves the hook running (its
-    own session) and the event taken; one killed between taking an event and
-    starting its hook loses that event's hook (a window of a few statements).
+    them (a hook's exit wakes it: waitables), so a hook that hangs or fails
+    holds up nothing but its own slot. Exactly once: an event is taken by
+    one supervisor (take_hook_event) and deleted when its hook has ended,
+    however it ended, and never taken again. A supervisor killed while a hook
+    runs leaves the hook running (its own session) and the event taken; one
+    killed between taking an event and starting its hook loses that event's
+    hook (a window of a few statements).
     """
 
     def __init__(self, owner, db_path):
         self.owner = owner
         self.base_env = {**os.environ, "QUEUECTL_DB": db_for_children(db_path)}
-        self.running = {}  # event seq -> (process, deadline (monotonic), what it is, for the log)
+        self.running = {}  # event seq -> (process, its pidfd or None, deadline (monotonic), what, for the log)
         self.ended = []  # event seqs whose hooks ended, their rows still to delete
+
+    def waitables(self):
+        """The running hooks' pidfds: readable when a hook exits (Linux; elsewhere the tick finds it)."""
+        return [pidfd for _, pidfd, _, _ in self.running.values() if pidfd is not None]
 
     def poll(self):
         """End the hooks that exited, and kill those past their deadline; no database needed."""
-        for seq, (process, deadline, what) in list(self.running.items()):
+        for seq, (process, pidfd, deadline, what) in list(self.running.items()):
             code = process.poll()
             if code is None and time.monotonic() < deadline:
                 continue
@@ -4411,6 +4430,8 @@ class Hooks:
                 log(f"{what} failed: {exit_error(code)}")
             else:
                 log(f"{what} done")
+            if pidfd is not None:
+                os.close(pidfd)
             del self.running[seq]
             self.ended.append(seq)
 
@@ -4420,25 +4441,24 @@ class Hooks:
             conn.execute("DELETE FROM hook_events WHERE seq = ? AND taken_by = ?", (self.ended[0], self.owner))
             self.ended.pop(0)
 
-    def take_and_start(self, conn, config, created_before=math.inf):
+    def take_and_start(self, conn, config, only_ours=False):
         """Forget the ended hooks' events, then start hooks for new events while there are free slots."""
         self.forget_ended(conn)
         if not any(config[hook] for hook in HOOKS):
             return
         while len(self.running) < HOOK_SLOTS:
-            event = take_hook_event(conn, self.owner, created_before)
-            if event is None:
+            event = take_hook_event(conn, self.owner, only_ours)
+            if event is None or not self.start(conn, event, config):
                 return
-            self.start(event, config)
 
-    def start(self, event, config):
-        """Start the hook of one taken event (one no longer set is dropped)."""
+    def start(self, conn, event, config):
+        """Start the hook of one taken event; False if it could not start (the event is given back)."""
         import subprocess
-        command = config[event["hook"]]
+        command = config[event["hook"]] or load_config(conn)[event["hook"]]  # set since our last read?
         what = f"hook {event['hook']} of job {event['job_id']} (attempt {event['attempt']})"
-        if not command:
+        if not command:  # unset since the event: dropped
             self.ended.append(event["seq"])
-            return
+            return True
         env = dict(self.base_env, QUEUECTL_HOOK=event["hook"], QUEUECTL_JOB_ID=event["job_id"],
                    QUEUECTL_QUEUE=event["queue"], QUEUECTL_ATTEMPT=str(event["attempt"]),
                    QUEUECTL_EXIT_CODE="" if event["exit_code"] is None else str(event["exit_code"]),
@@ -4446,17 +4466,21 @@ class Hooks:
         try:
             process = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
                                        stdout=2, start_new_session=True)
-        except OSError as e:
-            log(f"{what} could not start: {e.strerror or e}")
-            self.ended.append(event["seq"])
-            return
-        self.running[event["seq"]] = (process, time.monotonic() + config["hook_timeout"], what)
+        except OSError as e:  # EAGAIN, say: given back, for the next tick or another supervisor
+            log(f"{what} could not start: {e.strerror or e}; will try again")
+            conn.execute("UPDATE hook_events SET taken_by = NULL WHERE seq = ?", (event["seq"],))
+            return False
+        self.running[event["seq"]] = (process, open_pidfd(process.pid),
+                                      time.monotonic() + config["hook_timeout"], what)
+        return True
 
     def kill_all(self):
         """A forced shutdown: kill the hooks still running (their events are not run again)."""
-        for seq, (process, _, what) in self.running.items():
+        for seq, (process, pidfd, _, what) in self.running.items():
             kill_group(process.pid, signal.SIGKILL)
             process.wait()
+            if pidfd is not None:
+                os.close(pidfd)
             log(f"{what} killed: forced shutdown")
             self.ended.append(seq)
         self.running.clear()
@@ -4491,9 +4515,8 @@ class Supervisor:
         self.fatal_error = None  # set when the database turned out corrupt
         self.config = None  # as read at the last beat
         self.hooks = Hooks(self.supervisor_id, db_path)
-        self.stopped_at = math.inf  # stopping: when its last worker was gone; later hook events are others'
-        self.had_workers = False  # whether the last tick saw any
         self.retention_at = 0.0  # when to look for jobs past their keep_* time next (monotonic)
+        self.retention_batch = PURGE_BATCH  # jobs a retention transaction deletes (smaller while they are slow)
 
     def run(self):
         """Supervise until stopped; return the exit code."""
@@ -4509,20 +4532,20 @@ class Supervisor:
             while self.workers or self.hooks.running or not self.is_stopping:
                 if not self.is_stopping:
                     self.fill_pool()
-                waitables = [p.sentinel for p, _ in self.workers.values()] + [self.signal_r]
+                waitables = [p.sentinel for p, _ in self.workers.values()] + [self.signal_r, *self.hooks.waitables()]
                 multiprocessing.connection.wait(waitables, timeout=SUPERVISOR_TICK_S)
                 drain(self.signal_r)
+                self.hooks.poll()  # before upkeep: a hook past its time is killed even while the database fails
                 self.upkeep()
         except BaseException:
             self.stop_workers_now()  # never leave workers behind us
             raise
         finally:
             if self.conn is not None:  # None only while reopening it after a fork fails
-                try:
-                    self.hooks.forget_ended(self.conn)
+                with suppress(StorageError):  # if not now, apply_retention deletes the events of a gone supervisor
+                    retry_busy(self.hooks.forget_ended, self.conn)
+                with suppress(StorageError):  # a stale row is pruned by the next reader
                     retry_busy(unregister_process, self.conn, self.supervisor_id)
-                except StorageError:
-                    pass  # a stale row is pruned by the next reader, and its taken events by apply_retention
                 self.conn.close()
         log(f"supervisor {os.getpid()} stopped")
         if self.fatal_error:
@@ -4678,12 +4701,8 @@ class Supervisor:
             self.config = config
             if now >= self.retention_at:
                 self.apply_retention(config)
-        self.hooks.poll()
-        if self.is_stopping and (self.workers or self.had_workers):  # our draining workers' last events are ours too
-            self.stopped_at = self.conn.now()  # read after the last of them exited: after its last commit
-        self.had_workers = bool(self.workers)
-        if self.config is not None:
-            retry_busy(self.hooks.take_and_start, self.conn, self.config, self.stopped_at)
+        if self.config is not None:  # stopping, it takes only its own workers' events: a backlog is others'
+            retry_busy(self.hooks.take_and_start, self.conn, self.config, self.is_stopping)
         if self.stop_requested:
             self.stop_requested = False
             self.begin_stop("asked to stop")
@@ -4693,12 +4712,23 @@ class Supervisor:
             self.fire_schedules()
 
     def apply_retention(self, config):
-        """Delete a batch of jobs past their keep_* time; look again at once while batches come full."""
-        deleted = retry_busy(apply_retention, self.conn, config)
+        """Delete a batch of jobs past their keep_* time; look again at once while batches come full.
+
+        A batch that held the lock longer than RETENTION_LOCK_S (jobs with
+        many runs of large output) halves the next one; quick ones let it
+        grow back to PURGE_BATCH.
+        """
+        started = time.monotonic()
+        deleted = retry_busy(apply_retention, self.conn, config, self.retention_batch)
+        took_s = time.monotonic() - started
         for state, count in deleted.items():
             if count:
                 log(f"retention: deleted {count} {state} job(s) finished more than {config['keep_' + state]} ago")
-        is_more = any(count == PURGE_BATCH for count in deleted.values())
+        is_more = any(count == self.retention_batch for count in deleted.values())
+        if took_s > RETENTION_LOCK_S:
+            self.retention_batch = max(self.retention_batch // 2, 1)
+        elif took_s < RETENTION_LOCK_S / 4:
+            self.retention_batch = min(self.retention_batch * 2, PURGE_BATCH)
         self.retention_at = time.monotonic() + (0 if is_more else RETENTION_EVERY_S)
 
     def fire_schedules(self):
@@ -4726,7 +4756,6 @@ class Supervisor:
         if self.is_stopping:
             return
         self.is_stopping = True
-        self.stopped_at = self.conn.now() if self.conn is not None else time.time()
         if self.conn is not None:
             try:  # it fires schedules no more: their ticks from now on may be missed ones
                 self.conn.execute("UPDATE workers SET fires_schedules = 0 WHERE id = ?", (self.supervisor_id,))
@@ -5663,15 +5692,14 @@ def api_schedule_run(conn, name):
 ACTIVITY_MINUTES = 60  # the chart's span
 FAILED_OUTCOMES = ("failed", "timed_out", "lost")  # the chart's failed runs
 
-# Runs per whole minute and outcome since a time, through runs_by_finish (the
-# runs' rows are not read). Whole seconds first: both engines divide integers
-# alike, where they cast a fraction differently.
+# Runs per whole minute and outcome since a time, through runs_by_finish.
+# {minute} is the engine's MINUTE_OF_FINISH: the two round a fraction apart.
 RUNS_PER_MINUTE_SQL = """
-SELECT CAST(finished_at AS BIGINT) / 60 AS minute, outcome, count(*) AS runs
+SELECT {minute} AS minute, outcome, count(*) AS runs
 FROM runs
 WHERE finished_at >= :since
   AND finished_at IS NOT NULL
-GROUP BY CAST(finished_at AS BIGINT) / 60, outcome
+GROUP BY {minute}, outcome
 """
 
 
@@ -5680,7 +5708,7 @@ def runs_per_minute(conn, now=None):
     now = conn.now() if now is None else now
     first = int(now // 60) - ACTIVITY_MINUTES + 1
     counts = collections.Counter()
-    for row in conn.execute(RUNS_PER_MINUTE_SQL, {"since": first * 60}):
+    for row in conn.execute(RUNS_PER_MINUTE_SQL.format(minute=conn.MINUTE_OF_FINISH), {"since": first * 60}):
         if row["outcome"] == "completed" or row["outcome"] in FAILED_OUTCOMES:
             counts[int(row["minute"]), row["outcome"] == "completed"] += row["runs"]
     return {"minutes": [{"minute": iso(minute * 60), "completed": counts[minute, True],
@@ -5718,8 +5746,8 @@ API_ROUTES = [
 #
 # The text format (version 0.0.4). Gauges are read as the page reads them
 # (kept counts, one index step); the counters count the runs that finished
-# since this dashboard started, as any exporter's counters count from its
-# start: Prometheus' rate() and increase() take a restart in their stride.
+# since this dashboard's first scrape, as any exporter's counters count from
+# its start: Prometheus' rate() and increase() take a restart in their stride.
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUN_DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
@@ -5743,7 +5771,7 @@ class RunTally:
     A run is counted once: its key is remembered while it is that recent.
     """
 
-    LATE_S = 30.0
+    LATE_S = 10.0
 
     def __init__(self, since):
         self.since = self.read_from = since
@@ -5783,7 +5811,7 @@ def metric(lines, name, kind, text, samples):
 
 
 def metrics_text(conn, tally):
-    """GET /metrics: the queue now, and the runs finished since the dashboard started."""
+    """GET /metrics: the queue now, and the runs finished since the first scrape (tally)."""
     tally.update(conn)
     counts = conn.count_jobs()
     queues = sorted({queue for queue, _ in counts})
@@ -5795,11 +5823,11 @@ def metrics_text(conn, tally):
            [("", {}, sum(n for (_, state), n in counts.items() if state == "processing"))])
     metric(lines, "queuectl_oldest_runnable_age_seconds", "gauge",
            "How long the longest-waiting due job has waited (0: none waits).", [("", {}, float(oldest_runnable_age_s(conn) or 0))])
-    metric(lines, "queuectl_runs_finished_total", "counter", "Runs that finished since this dashboard started, by outcome.",
+    metric(lines, "queuectl_runs_finished_total", "counter", "Runs that finished since this dashboard's first scrape, by outcome.",
            [("", {"outcome": outcome}, n) for outcome, n in tally.by_outcome.items()])
     buckets = [("_bucket", {"le": f"{bound:g}"}, n) for bound, n in zip(RUN_DURATION_BUCKETS_S, tally.buckets)]
     metric(lines, "queuectl_run_duration_seconds", "histogram",
-           "How long the runs that finished since this dashboard started took.",
+           "How long the runs that finished since this dashboard's first scrape took.",
            [*buckets, ("_bucket", {"le": "+Inf"}, tally.count), ("_sum", {}, float(tally.total_s)),
             ("_count", {}, tally.count)])
     metric(lines, "queuectl_workers_alive", "gauge", "Worker processes alive, on every host.", [("", {}, len(workers))])
@@ -5848,7 +5876,7 @@ class Dashboard:
         self.lock = threading.Lock()  # one request at a time reaches the database
         self.conn = None
         self.snapshots = {}  # (path, query) -> (expires at, status, body)
-        self.tally = RunTally(time.time())  # /metrics' counters count from now
+        self.tally = None  # /metrics' counters, from the first scrape on
 
     def answer(self, method, target, headers):
         """(status, [(header, value)], body bytes) for one request."""
@@ -5942,9 +5970,14 @@ class Dashboard:
         """GET /metrics: the text format, or a JSON error."""
         if method != "GET":
             raise HttpError(405, "/metrics takes GET only")
-        status, body = self.snapshot(("/metrics", ()), lambda conn, query: metrics_text(conn, self.tally), {}, [],
-                                     render=str.encode)
+        status, body = self.snapshot(("/metrics", ()), self.scrape, {}, [], render=str.encode)
         return status, [("Content-Type", METRICS_CONTENT_TYPE if status == 200 else "application/json"), *extra], body
+
+    def scrape(self, conn, query):
+        """The metrics text; the counters start at the first scrape, so none reads the runs of days."""
+        if self.tally is None:
+            self.tally = RunTally(conn.now())
+        return metrics_text(conn, self.tally)
 
     def snapshot(self, key, handler, query, parts, render=None):
         """A GET's (status, body), computed at most once per DASHBOARD_SNAPSHOT_S for every client."""

@@ -6100,6 +6100,7 @@ DURATION_RULE = "must be a duration like 90s, 15m, 12h or 7d, or 0 to keep them 
 @pytest.mark.parametrize("key, value, error", [
     ("keep_completed", "soon", f"config keep_completed {DURATION_RULE}, got 'soon'"),
     ("keep_dead", "2w", f"config keep_dead {DURATION_RULE}, got '2w'"),
+    ("keep_dead", "30s", "config keep_dead must be 0 (forever) or at least 1m, got '30s'"),
     ("hook_timeout", "0", "config hook_timeout must be greater than 0, got 0.0"),
 ])
 def test_a_bad_retention_or_hook_setting_is_one_line_exit_2_and_changes_nothing(db, key, value, error):
@@ -6183,6 +6184,118 @@ def test_a_supervisor_stopped_while_a_job_runs_runs_the_hook_of_that_jobs_end_be
     assert hook_lines(record) == ["last"]
 
 
+def add_hook_event(conn, hook, job_id, worker_id):
+    """A hook event as a worker writes it."""
+    conn.execute(queuectl.HOOK_EVENTS_SQL, {"job_id": job_id, "queue": "default", "attempt": 1, "exit_code": 1,
+                                            "last_error": "exit status 1", "worker_id": worker_id, "now": time.time(),
+                                            "on_failure": int(hook == "on_failure"), "on_dead": int(hook == "on_dead")})
+
+
+def test_a_stopping_supervisor_takes_only_the_hook_events_of_its_own_workers(db):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        add_hook_event(conn, "on_dead", "theirs", "host:2:bb.1")
+        add_hook_event(conn, "on_dead", "ours", "host:1:aa.3")
+        add_hook_event(conn, "on_dead", "look-alike", "host:1:aa3.1")
+        assert queuectl.take_hook_event(conn, "host:1:aa", only_ours=True)["job_id"] == "ours"
+        assert queuectl.take_hook_event(conn, "host:1:aa", only_ours=True) is None
+        assert queuectl.take_hook_event(conn, "host:1:aa")["job_id"] == "theirs"
+
+
+def test_a_burst_leaves_a_backlog_of_other_supervisors_hook_events_to_them(fast, tmp_path):
+    config_set("on_dead", "sleep 0.3")
+    with contextlib.closing(queuectl.connect(os.environ["QUEUECTL_DB"])) as conn:
+        for i in range(40):
+            add_hook_event(conn, "on_dead", f"j{i}", "elsewhere:1:cc.1")
+    started = time.monotonic()
+    burst()  # nothing of its own to do: it takes one round of four at most, then stops
+    assert time.monotonic() - started < 10
+    assert sql_rows("SELECT count(*) FROM hook_events WHERE taken_by IS NULL")[0][0] >= 36
+
+
+def test_a_hook_event_whose_hook_cannot_start_is_given_back_and_one_set_meanwhile_is_run(db, monkeypatch, tmp_path):
+    import subprocess as subprocess_module
+    cli("init")
+    config_set("on_dead", f"echo $QUEUECTL_JOB_ID >> {tmp_path}/hooks.txt")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        add_hook_event(conn, "on_dead", "doomed", "s.1")
+        hooks = queuectl.Hooks("s", db)
+        stale = dict(queuectl.load_config(conn), on_dead="", on_failure="true")  # read before on_dead was set
+        real_popen = subprocess_module.Popen
+
+        def no_more_processes(*args, **kwargs):
+            raise OSError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(subprocess_module, "Popen", no_more_processes)
+        hooks.take_and_start(conn, stale)
+        assert conn.execute("SELECT taken_by FROM hook_events").fetchall()[0][0] is None  # given back
+        monkeypatch.setattr(subprocess_module, "Popen", real_popen)
+        hooks.take_and_start(conn, stale)
+        assert wait_until(lambda: hooks.poll() or not hooks.running)
+        hooks.forget_ended(conn)
+        assert conn.execute("SELECT count(*) FROM hook_events").fetchone()[0] == 0
+    assert hook_lines(tmp_path / "hooks.txt") == ["doomed"]
+
+
+@sqlite_only
+def test_a_hook_past_its_time_is_killed_even_while_the_database_stays_locked(fast, pool, tmp_path):
+    config_set("hook_timeout", "0.5")
+    config_set("on_dead", f"echo $$ > {tmp_path}/hook.pid; exec sleep 30")
+    enqueue("-c", "false", "--id", "doomed", "--max-retries", "0")
+    pool("--count", "1")
+    assert wait_until(lambda: read_pid(tmp_path / "hook.pid"))
+    hook_pid = read_pid(tmp_path / "hook.pid")
+    with contextlib.closing(sqlite3.connect(os.environ["QUEUECTL_DB"], isolation_level=None)) as holder:
+        holder.execute("BEGIN EXCLUSIVE")  # every statement of the supervisor waits, then fails busy
+        killed = wait_until(lambda: not is_running(hook_pid), timeout=12)
+        holder.execute("ROLLBACK")
+    assert killed
+
+
+def test_a_supervisors_retention_batch_halves_while_batches_are_slow_and_grows_back(db, monkeypatch):
+    cli("init")
+    supervisor = queuectl.Supervisor(db, 1, [], True)
+    supervisor.conn = queuectl.connect(db)
+    try:
+        config = queuectl.load_config(supervisor.conn)
+
+        def slow_batch(conn, config, batch):
+            time.sleep(queuectl.RETENTION_LOCK_S * 1.5)
+            return {"completed": batch}
+
+        monkeypatch.setattr(queuectl, "apply_retention", slow_batch)
+        sizes = []
+        for _ in range(3):
+            supervisor.apply_retention(config)
+            sizes.append(supervisor.retention_batch)
+        monkeypatch.setattr(queuectl, "apply_retention", lambda conn, config, batch: {"completed": 0})
+        supervisor.apply_retention(config)
+        sizes.append(supervisor.retention_batch)
+    finally:
+        supervisor.conn.close()
+    assert sizes == [250, 125, 62, 124]
+
+
+def test_an_upgraded_database_with_jobs_keeps_them_forever_until_retention_is_set(db, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(queuectl, "SCHEMA_VERSION", 8)
+        with contextlib.closing(queuectl.connect(db)) as conn:
+            add_jobs(conn, [{"command": "true", "id": "old"}])
+    assert status()["kept"] == {"completed": "0", "dead": "0"}
+
+
+def test_a_run_is_charted_in_the_minute_it_finished_in(db):
+    cli("init")
+    with contextlib.closing(queuectl.connect(db)) as conn:
+        now = conn.now()
+        minute = int(now // 60) - 1
+        conn.execute("INSERT INTO runs (job_seq, run, attempt, started_at, finished_at, outcome) "
+                     "VALUES (1, 1, 1, ?, ?, 'completed')", (minute * 60 + 59, minute * 60 + 59.7))
+        minutes = queuectl.runs_per_minute(conn, now)["minutes"]
+    assert [m["completed"] for m in minutes[-2:]] == [1, 0]
+    assert minutes[-2]["minute"] == queuectl.iso(minute * 60)
+
+
 def test_no_hook_set_writes_no_hook_events(fast):
     enqueue("-c", "false", "--id", "doomed", "--max-retries", "1")
     burst()
@@ -6236,10 +6349,11 @@ def test_metrics_need_the_token_like_the_api(dashboard):
     assert dashboard.raw("GET", "/metrics", headers={"Host": "evil.example:80"})[0] == 403
 
 
-def test_metrics_count_only_the_runs_that_finished_since_the_dashboard_started(fast, dashboard_server):
+def test_metrics_count_only_the_runs_that_finished_since_the_first_scrape(fast, dashboard_server):
     enqueue("-c", "true", "--id", "before")
     burst()
     dashboard = dashboard_server()
+    assert 'queuectl_runs_finished_total{outcome="completed"} 0\n' in dashboard.raw("GET", "/metrics")[2].decode()
     enqueue("-c", "true", "--id", "after")
     burst()
     assert wait_until(lambda: 'queuectl_runs_finished_total{outcome="completed"} 1\n'
@@ -6265,7 +6379,7 @@ def test_the_activity_counts_completed_and_failed_runs_per_minute_for_the_last_h
             conn.execute("SET enable_seqscan = off")
         since = str(time.time() - 3600)
         plan = " ".join(str(tuple(row)) for row in conn.execute(
-            ("EXPLAIN " if PG_URL else "EXPLAIN QUERY PLAN ") + queuectl.RUNS_PER_MINUTE_SQL.replace(":since", since)))
+            ("EXPLAIN " if PG_URL else "EXPLAIN QUERY PLAN ") + queuectl.RUNS_PER_MINUTE_SQL.format(minute=conn.MINUTE_OF_FINISH).replace(":since", since)))
     assert "runs_by_finish" in plan, plan
 
 
