@@ -6483,7 +6483,8 @@ function renderActivity(activity) {
   });
   $("#activity").replaceChildren(...bars);
   const total = (kind) => activity.minutes.reduce((sum, m) => sum + m[kind], 0);
-  $("#activity-total").textContent = `: ${total("completed")} and ${total("failed")} in the hour`;
+  $("#activity-total").textContent = `· this hour: ${total("completed")} completed, ${total("failed")} failed; ` +
+    `the busiest minute: ${most}`;
 }
 
 function renderJobs(page) {
