@@ -18,7 +18,8 @@ VPY := $(VENV)/bin/python
 # psycopg is for the PostgreSQL half of the suite; the product needs it only
 # for a postgresql:// --db. Playwright drives the dashboard's browser tests in
 # the machine's own Chromium (it never downloads a browser; without Chromium
-# those tests skip).
+# those tests skip). prometheus_client's parser reads the dashboard's /metrics in
+# the tests (the product writes the text format itself).
 TOOLS := pytest==9.2.0 pytest-xdist==3.8.0 ruff==0.17.6 vermin==1.9.2 "psycopg[binary]==3.3.9" \
 	playwright==1.64.1 prometheus_client==0.26.0
 

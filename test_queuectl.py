@@ -6067,6 +6067,21 @@ def test_retention_deletes_completed_and_dead_jobs_kept_past_their_time_and_noth
     assert show("waiting")["state"] == "pending"
 
 
+def test_retention_while_workers_run_deletes_old_jobs_and_leaves_running_and_new_ones_alone(fast, pool, tmp_path):
+    enqueue("-c", "true", "--id", "old")
+    burst()
+    age_jobs(["old"], 8 * 86400)
+    enqueue("-c", f"touch {tmp_path}/started; while [ ! -e {tmp_path}/stop ]; do sleep 0.05; done", "--id", "running")
+    supervisor = pool("--count", "2")
+    assert wait_until(lambda: (tmp_path / "started").exists())
+    assert wait_until(lambda: "retention: deleted 1 completed job(s) finished more than 7d ago" in log_text(supervisor))
+    enqueue("-c", "true", "--id", "new")
+    assert wait_until(lambda: show("new")["state"] == "completed")
+    assert job_ids() == ["new", "running"] and show("running")["state"] == "processing"
+    (tmp_path / "stop").touch()
+    assert wait_until(lambda: show("running")["state"] == "completed")
+
+
 def test_retention_deletes_a_bounded_batch_at_a_time_through_jobs_finished(db):
     cli("init")
     with contextlib.closing(queuectl.connect(db)) as conn:
