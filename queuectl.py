@@ -25,6 +25,8 @@ The claim
     creation order) and mark it processing with attempts + 1, a fresh lease
     token and lease_until = now + lease_timeout. No lock is held while the
     command runs, and jobs that are finished or not yet due are never walked.
+    On PostgreSQL the claim, and a run's end, are one statement each (one
+    round trip), the marking folded into the claim's ranking.
 
 Invariants
     * Every state change is one transaction: after a crash each job is where
@@ -35,6 +37,8 @@ Invariants
     * Results are written only while the lease token still matches (fencing):
       a worker that lost its lease never overwrites the run that replaced it.
     * An accepted enqueue is fsynced (synchronous=FULL) before its id is printed.
+    * A failed run's or a dead job's hook (on_failure, on_dead) is written as an
+      event with the run's end, and run by one supervisor of all, once.
 
 Exit codes: 0 done, 1 could not be done, 2 bad input, 124 `wait` timed out.
 """
@@ -705,7 +709,8 @@ OUR_TABLES = {"jobs", "deps", "config", "workers", "job_counts", "runs", "queues
 #   waiting_at_most(s), set_lock_wait(s), lock_wait_s: how long a statement
 #       may wait for another's lock (for a block, from now on, said last)
 #   claim_query(queues), BECOME_DUE_SQL, PROMOTE_DUE_SQL, OLDEST_RUN_AT_SQL:
-#       the claim's SQL
+#       the claim's SQL; ONE_STATEMENT_WRITES: whether a claim and a run's end
+#       are one statement each (a WITH that writes); MINUTE_OF_FINISH
 #   count_jobs(), add_to_counts(counts), fold_counts(), has_work(queues): the
 #       job counts
 #   listen(worker_id), wake_source(), drain_wakeups(source), wake_workers():
