@@ -638,11 +638,12 @@ def schema_v6(text_type):
 SCHEMA_V6 = schema_v6("TEXT")
 
 # Version 8, the same on both engines: has_dependents says that a job may
-# have dependents. It is set, in a transaction of its own, before any
-# dependent of the job is added (mark_dependencies), and never cleared. A
-# worker that finds it unset when it records the job's end (in the same
-# statement) knows no dependent can be waiting: it records the end in one
-# statement, without holding the job as a dependency (see record_run).
+# have dependents. It is set before any dependent of the job is added
+# (mark_dependencies; on PostgreSQL committed first, one statement each), and
+# never cleared. A worker that finds it unset when it records the job's end
+# (in the same statement) knows no dependent can be waiting: it records the
+# end in one statement, without holding the job as a dependency (see
+# record_run).
 SCHEMA_V8 = [
     "ALTER TABLE jobs ADD COLUMN has_dependents INTEGER NOT NULL DEFAULT 0",
     "UPDATE jobs SET has_dependents = 1 WHERE id IN (SELECT depends_on FROM deps)",
@@ -654,7 +655,7 @@ SCHEMA_V8 = [
 #   delete without walking the rest, or any live job.
 # * runs_by_finish: the runs by when they finished, for the dashboard's
 #   chart and /metrics (what finished in the last hour, or since the last
-#   scrape), read without the runs' rows.
+#   scrape): no read walks older runs.
 # * hook_events: a run that failed or a job that died, waiting for its hook
 #   (on_failure, on_dead) to be run by one supervisor (taken_by), then
 #   deleted; worker_id is the run's, so a stopping supervisor takes its own.
@@ -2015,8 +2016,8 @@ def job_row(spec, config, now):
         "env": json.dumps(check_env(spec["env"])) if "env" in spec else "{}",
         "cwd": cwd,
         "depends_on": check_depends_on(spec["depends_on"]) if "depends_on" in spec else [],
-        "deps_left": 0, "has_dependents": 0, "state": "pending", "run_at": run_at, "is_due": int(run_at <= now), "last_error": None,
-        "created_at": now, "updated_at": now, "finished_at": None,
+        "deps_left": 0, "has_dependents": 0, "state": "pending", "run_at": run_at, "is_due": int(run_at <= now),
+        "last_error": None, "created_at": now, "updated_at": now, "finished_at": None,
     }
 
 
@@ -2197,7 +2198,6 @@ def finish_run_sql(source=""):
 
 
 FINISH_RUN_SQL = finish_run_sql()
-
 
 
 def hook_events_sql(source=""):
@@ -4423,22 +4423,25 @@ class Hooks:
 
     def poll(self):
         """End the hooks that exited, and kill those past their deadline; no database needed."""
-        for seq, (process, pidfd, deadline, what) in list(self.running.items()):
+        for seq, (process, _, deadline, _) in list(self.running.items()):
             code = process.poll()
             if code is None and time.monotonic() < deadline:
                 continue
             if code is None:
-                kill_group(process.pid, signal.SIGKILL)
-                process.wait()
-                log(f"{what} did not end in time: killed")
-            elif code:
-                log(f"{what} failed: {exit_error(code)}")
+                self.end(seq, "did not end in time: killed")
             else:
-                log(f"{what} done")
-            if pidfd is not None:
-                os.close(pidfd)
-            del self.running[seq]
-            self.ended.append(seq)
+                self.end(seq, f"failed: {exit_error(code)}" if code else "done")
+
+    def end(self, seq, how):
+        """A hook is over (killed first if it still runs): log how, and mark its event to be deleted."""
+        process, pidfd, _, what = self.running.pop(seq)
+        if process.poll() is None:
+            kill_group(process.pid, signal.SIGKILL)
+            process.wait()
+        if pidfd is not None:
+            os.close(pidfd)
+        log(f"{what} {how}")
+        self.ended.append(seq)
 
     def forget_ended(self, conn):
         """Delete the events of the hooks that ended."""
@@ -4481,14 +4484,8 @@ class Hooks:
 
     def kill_all(self):
         """A forced shutdown: kill the hooks still running (their events are not run again)."""
-        for seq, (process, pidfd, _, what) in self.running.items():
-            kill_group(process.pid, signal.SIGKILL)
-            process.wait()
-            if pidfd is not None:
-                os.close(pidfd)
-            log(f"{what} killed: forced shutdown")
-            self.ended.append(seq)
-        self.running.clear()
+        for seq in list(self.running):
+            self.end(seq, "killed: forced shutdown")
 
 
 # ---------------------------------------------------------------------------
@@ -5823,12 +5820,15 @@ def metrics_text(conn, tally):
     workers = [p for p in live_processes(conn) if p["kind"] == "worker"]
     lines = []
     metric(lines, "queuectl_jobs", "gauge", "Jobs in each state, per queue.",
-           [("", {"queue": queue, "state": state}, counts.get((queue, state), 0)) for queue in queues for state in STATES])
+           [("", {"queue": queue, "state": state}, counts.get((queue, state), 0))
+            for queue in queues for state in STATES])
     metric(lines, "queuectl_jobs_processing", "gauge", "Jobs running now, in every queue.",
            [("", {}, sum(n for (_, state), n in counts.items() if state == "processing"))])
     metric(lines, "queuectl_oldest_runnable_age_seconds", "gauge",
-           "How long the longest-waiting due job has waited (0: none waits).", [("", {}, float(oldest_runnable_age_s(conn) or 0))])
-    metric(lines, "queuectl_runs_finished_total", "counter", "Runs that finished since this dashboard's first scrape, by outcome.",
+           "How long the longest-waiting due job has waited (0: none waits).",
+           [("", {}, float(oldest_runnable_age_s(conn) or 0))])
+    metric(lines, "queuectl_runs_finished_total", "counter",
+           "Runs that finished since this dashboard's first scrape, by outcome.",
            [("", {"outcome": outcome}, n) for outcome, n in tally.by_outcome.items()])
     buckets = [("_bucket", {"le": f"{bound:g}"}, n) for bound, n in zip(RUN_DURATION_BUCKETS_S, tally.buckets)]
     metric(lines, "queuectl_run_duration_seconds", "histogram",
@@ -7189,7 +7189,7 @@ class DelayProxy:
 
     def __init__(self, url, delay_s):
         import socket
-        self.url, self.delay_s = url, delay_s
+        self.delay_s = delay_s
         parts = url_parts(url) or {}
         host, port = parts.get("host") or "/var/run/postgresql", int(parts.get("port") or 5432)
         self.server_address = ((socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
@@ -7216,49 +7216,56 @@ class DelayProxy:
     def relay(self):
         """Accept clients, pass what they send on at once, and what the server answers delay_s later."""
         import selectors
-        import socket
-        selector = selectors.DefaultSelector()
-        selector.register(self.listener, selectors.EVENT_READ)
-        peer, servers, held = {}, set(), collections.deque()  # held: (when, socket, bytes), in order
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.peer, self.servers = {}, set()  # each end's other end; the ends facing the server
+        held = collections.deque()  # (when to send, to which end, bytes), in order
         while not self.is_stopping:
-            timeout = max(held[0][0] - time.monotonic(), 0) if held else 0.1
-            for key, _ in selector.select(timeout):
+            for key, _ in self.selector.select(max(held[0][0] - time.monotonic(), 0) if held else 0.1):
                 if key.fileobj is self.listener:
-                    client, _ = self.listener.accept()
-                    server = socket.socket(self.server_address[0], socket.SOCK_STREAM)
-                    server.connect(self.server_address[1])
-                    servers.add(server)
-                    for end in (client, server):  # as libpq does: no Nagle wait on top of the delay
-                        if end.family != socket.AF_UNIX:
-                            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    for one, other in ((client, server), (server, client)):
-                        peer[one] = other
-                        selector.register(one, selectors.EVENT_READ)
-                    continue
-                if key.fileobj not in peer:  # closed with its other end, earlier in this round
-                    continue
-                try:
-                    data = key.fileobj.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    for end in (key.fileobj, peer[key.fileobj]):
-                        if end in peer:
-                            selector.unregister(end)
-                            peer.pop(end)
-                            servers.discard(end)
-                            end.close()
-                elif key.fileobj in servers:
-                    held.append((time.monotonic() + self.delay_s, peer[key.fileobj], data))  # the server's answer
-                else:
-                    with suppress(OSError):
-                        peer[key.fileobj].sendall(data)
+                    self.connect_a_client()
+                elif key.fileobj in self.peer:  # not closed with its other end earlier in this round
+                    self.pass_on(key.fileobj, held)
             while held and held[0][0] <= time.monotonic():
                 _, to, data = held.popleft()
                 with suppress(OSError):
                     to.sendall(data)
-        for end in list(peer):
+        for end in list(self.peer):
             end.close()
+
+    def connect_a_client(self):
+        """Accept a client and open its own connection to the server."""
+        import selectors
+        import socket
+        client, _ = self.listener.accept()
+        server = socket.socket(self.server_address[0], socket.SOCK_STREAM)
+        server.connect(self.server_address[1])
+        self.servers.add(server)
+        for end in (client, server):  # as libpq does: no Nagle wait on top of the delay
+            if end.family != socket.AF_UNIX:
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for one, other in ((client, server), (server, client)):
+            self.peer[one] = other
+            self.selector.register(one, selectors.EVENT_READ)
+
+    def pass_on(self, end, held):
+        """What one end sent: a client's at once, the server's into held; an end that closed closes its pair."""
+        try:
+            data = end.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            for one in (end, self.peer[end]):
+                if one in self.peer:
+                    self.selector.unregister(one)
+                    self.peer.pop(one)
+                    self.servers.discard(one)
+                    one.close()
+        elif end in self.servers:
+            held.append((time.monotonic() + self.delay_s, self.peer[end], data))
+        else:
+            with suppress(OSError):
+                self.peer[end].sendall(data)
 
 
 @contextmanager
